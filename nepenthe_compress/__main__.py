@@ -1,0 +1,4 @@
+from nepenthe_compress.cli import main
+
+if __name__ == "__main__":
+    main()

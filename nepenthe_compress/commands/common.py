@@ -1,0 +1,95 @@
+"""Options and error handling shared by every verb."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+from rich.console import Console
+
+from nepenthe_compress.errors import UserError
+
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn ``UserError`` (and a few obvious OS errors) into a one-line message and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            err_console.print(f"[bold red]error:[/] {msg}", soft_wrap=True, markup=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]")
+            sys.exit(130)
+
+    return wrapper
+
+
+arch_option = click.option(
+    "--arch", default=None,
+    help="Architecture: torchvision name (resnet18), built-in (cifar_resnet18) or package.module:callable. "
+    "Needed for plain state_dicts.")
+arch_kwargs_option = click.option(
+    "--arch-kw", "arch_kw", multiple=True, metavar="KEY=VALUE",
+    help="Extra architecture argument (repeatable), e.g. --arch-kw width=0.25 --arch-kw num_classes=10.")
+calib_option = click.option(
+    "--calib", default=None, metavar="SRC",
+    help="Calibration data: file.npz/.pt with x (and y), an ImageFolder dir, cifar10:ROOT, or 'mnist'. "
+    "Defaults to the checkpoint's own calibration spec.")
+trust_option = click.option(
+    "--trust-pickle", is_flag=True, default=False,
+    help="Allow loading a checkpoint that pickles whole modules (executes code from the file!).")
+limit_option = click.option("--limit", type=int, default=None, help="Use at most this many samples.")
+batch_option = click.option("--batch-size", type=int, default=64, show_default=True)
+json_option = click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+                           help="Also write the result as JSON to this path ('-' for stdout).")
+
+
+def parse_kv(pairs: tuple[str, ...]) -> dict[str, Any]:
+    """Parse KEY=VALUE pairs; values are read as JSON when possible (numbers, bools), else strings."""
+    out: dict[str, Any] = {}
+    for p in pairs:
+        if "=" not in p:
+            raise UserError(f"--arch-kw expects KEY=VALUE, got {p!r}")
+        k, v = p.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def emit_json(obj: Any, path: str | None) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically, or to stdout for '-'."""
+    if path is None:
+        return
+    text = json.dumps(obj, indent=2, default=_json_default)
+    if path == "-":
+        click.echo(text)
+    else:
+        from nepenthe_compress.io import atomic_write_text
+        atomic_write_text(path, text + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+    import torch
+
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")

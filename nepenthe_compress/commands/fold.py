@@ -1,0 +1,94 @@
+"""`nepenthe-compress fold`: linearise zero-entropy sites, merge, drop dead channels, export, prove."""
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from nepenthe_compress.commands.common import (arch_kwargs_option, arch_option, batch_option, calib_option,
+                                               console, emit_json, limit_option, parse_kv, trust_option,
+                                               user_errors)
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@arch_option
+@arch_kwargs_option
+@calib_option
+@click.option("-o", "--outdir", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: the checkpoint's folder).")
+@click.option("--merge", type=click.Choice(["auto", "all", "none"]), default="auto", show_default=True,
+              help="auto: merge where the cost model predicts a speed-up; all: every exact merge "
+                   "(maximum depth reduction); none: linearise, fold BN, drop dead channels only.")
+@click.option("--allow-inexact", is_flag=True,
+              help="Also merge padded KxK -> padded KxK convs (border-inexact; the error is measured and reported).")
+@click.option("--approximate", is_flag=True,
+              help="Also linearise zero-entropy GELU/SiLU/Hardswish/ELU sites (approximate; error reported).")
+@click.option("--keep-channels", is_flag=True, help="Do not drop dead / constant channels.")
+@click.option("--holdout", type=float, default=0.2, show_default=True,
+              help="Fraction of the data held out to check that the recorded states generalise.")
+@limit_option
+@batch_option
+@click.option("--bench/--no-bench", default=True, show_default=True, help="Measure onnxruntime latency before/after.")
+@click.option("--repeats", type=int, default=20, show_default=True, help="Latency repeats (median).")
+@click.option("--pt2/--no-pt2", default=True, show_default=True, help="Also save the folded torch.export program.")
+@trust_option
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Also print/write the report as JSON ('-' for stdout).")
+@user_errors
+def fold(checkpoint, arch, arch_kw, calib, outdir, merge, allow_inexact, approximate, keep_channels, holdout,
+         limit, batch_size, bench, repeats, pt2, trust_pickle, json_path) -> None:
+    """Fold a pruned CHECKPOINT into a shallower ONNX model and prove it equivalent."""
+    from nepenthe_compress.fold.graph import FoldOptions
+    from nepenthe_compress.fold.pipeline import FoldRequest, fold_checkpoint
+
+    req = FoldRequest(checkpoint, arch, parse_kv(arch_kw), calib, outdir,
+                      FoldOptions(merge, allow_inexact, approximate, not keep_channels), holdout, limit,
+                      batch_size, trust_pickle, bench, repeats, pt2, progress=console.is_terminal)
+    with console.status("folding...") if console.is_terminal else _null():
+        result = fold_checkpoint(req)
+    render(result)
+    emit_json(result.to_dict(), json_path)
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def render(r) -> None:
+    eq = r.equivalence
+    t = Table(title=f"fold {r.checkpoint}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("sites linearised", f"{r.sites['linearised']}/{r.sites['total']} "
+              f"({r.sites['zero_entropy']} zero-entropy)")
+    t.add_row("merges", str(sum(e["action"] == "merge" for e in r.events)))
+    t.add_row("channels dropped", str(r.channels_dropped))
+    t.add_row("depth (weighted layers)", f"{r.depth['before']} -> {r.depth['after']}")
+    t.add_row("parameters", f"{r.params['before']:,} -> {r.params['after']:,}")
+    t.add_row("MACs / sample", f"{r.macs['before']:,} -> {r.macs['after']:,}")
+    c, h = eq["calibration"], eq["heldout"]
+    t.add_row("calibration", f"max rel err {c['max_rel']:.2e}, top-1 agreement {_pct(c['top1_agreement'])} "
+              f"({c['samples']} samples)")
+    t.add_row("held-out", f"max rel err {h['max_rel']:.2e}, top-1 agreement {_pct(h['top1_agreement'])}, "
+              f"state flips {eq['heldout_state_flips']['fraction']:.2%}")
+    t.add_row("onnxruntime vs torch", ", ".join(f"batch {o['batch']}: {o['max_rel']:.2e}" for o in eq["onnx_vs_torch"]))
+    if r.latency:
+        for row in r.latency["rows"]:
+            if row["model"] == "folded":
+                t.add_row(f"latency batch {row['batch']}",
+                          f"{row['median_s'] * 1e3:.3f} ms ({row['speedup']:.2f}x vs original)")
+    for k, v in r.outputs.items():
+        t.add_row(k, v)
+    console.print(t)
+    skipped = [e for e in r.events if e["action"] == "skip"]
+    for e in r.events:
+        if e["action"] in ("merge", "drop", "linearise"):
+            console.print(f"  [green]{e['action']:9}[/] {e['where']}: {e['detail']}", soft_wrap=True)
+    for e in skipped:
+        console.print(f"  [yellow]skip     [/] {e['where']}: {e['detail']}", soft_wrap=True)
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{v:.2%}"

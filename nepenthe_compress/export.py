@@ -1,0 +1,205 @@
+"""ONNX and torch.export (.pt2) export with a dynamic batch dimension, checked before it is committed.
+
+Exporter choice (torch 2.15): the model is captured once with ``torch.export.export(strict=False)`` and
+the resulting ExportedProgram is translated by the dynamo ONNX exporter (``dynamo=True``). Tried on fx
+GraphModules with small custom modules (per-channel affine buffers, a conv plus a constant [C,H,W]
+bias-map buffer), resnet18, mobilenet_v2, vgg11_bn and ViT/MLP blocks: all export with a dynamic batch
+and match torch. The TorchScript exporter (``dynamo=False``) is deliberately NOT used as a fallback:
+it fails on vgg11_bn at small inputs (adaptive_avg_pool2d to a non-divisor size), and where it "succeeds"
+on a model torch.export rejects (data-dependent Python control flow) it bakes the one branch taken by
+the example into the graph, a silently wrong model. A capture failure is reported instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import torch
+from torch import Tensor, nn
+from torch.export import Dim, ExportedProgram
+
+from nepenthe_compress.errors import UserError
+from nepenthe_compress.io import atomic_path
+from nepenthe_compress.verify import eval_mode, onnx_matches_torch
+
+BATCH = "batch"
+ONNX_SIZE_LIMIT = 2**31 - 1          # protobuf's limit for a single-file model (external data unsupported)
+EXPORT_CHECK_TOL = 1e-4              # catches broken exports; exact equivalence is verify's job (1e-5)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CALL_SITE = re.compile(r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+)')
+_NO_ONNX_OP = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'")
+
+
+class ExportError(UserError):
+    """The model cannot be exported (capture or ONNX translation failed, or the result is wrong)."""
+
+
+# ---------------------------------------------------------------------------------------- messages
+
+def _lines(e: BaseException) -> list[str]:
+    return [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
+
+
+def _summary(e: BaseException) -> str:
+    """One line: the exception's first line, its first '- ' detail line, and the user call site."""
+    lines = _lines(e) or [type(e).__name__]
+    detail = next((ln[2:] for ln in lines[1:3] if ln.startswith("- ")), None)
+    text = f"{lines[0]} {detail}" if detail else lines[0]
+    site = _CALL_SITE.search(_ANSI.sub("", str(e)))
+    return f"{text} (at {site[1]}:{site[2]})" if site else text
+
+
+def _op_key(name: str) -> str:
+    """'aten._linalg_svd' / 'aten.linalg_svd.default' -> 'linalg_svd' (decompositions add/drop '_')."""
+    parts = name.split(".")
+    return parts[min(1, len(parts) - 1)].lstrip("_")
+
+
+def _module_of(ep: ExportedProgram, op: str) -> str | None:
+    """Innermost module path (and class) of the first graph node calling ``op``, if any."""
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and _op_key(str(node.target)) == _op_key(op):
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            if stack:
+                path, cls = stack[-1]
+                return f"'{path or '<root>'}' ({str(cls).rsplit('.', 1)[-1]})"
+    return None
+
+
+def _conversion_message(e: BaseException, ep: ExportedProgram) -> str:
+    chain = [e]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    op = next((m[1] for c in chain if (m := _NO_ONNX_OP.search(str(c)))), None)
+    if op is None:
+        return f"ONNX translation failed: {_summary(chain[-1])}"
+    where = _module_of(ep, op)
+    return f"no ONNX translation for operator {op}" + (f" in module {where}" if where else "")
+
+
+# ---------------------------------------------------------------------------------------- capture
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters' progress prints, warnings and torch log chatter."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _example(example: Tensor, dynamic_batch: bool) -> Tensor:
+    """A batch of >= 2 for dynamic export: torch.export specialises a size-1 dim to the constant 1."""
+    if dynamic_batch and example.shape[0] < 2:
+        return torch.cat([example, example])
+    return example
+
+
+def _check_size(model: nn.Module) -> None:
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if nbytes >= ONNX_SIZE_LIMIT:
+        raise ExportError(f"model has {nbytes / 2**30:.1f} GiB of weights; single-file ONNX is limited to 2 GiB "
+                          "(external data is not supported)")
+
+
+def capture(model: nn.Module, example: Tensor, *, dynamic_batch: bool = True) -> ExportedProgram:
+    """``torch.export.export`` in eval mode (batch dim dynamic if asked); failures -> ExportError."""
+    shapes = ({0: Dim(BATCH)},) if dynamic_batch else None
+    try:
+        with eval_mode(model), _quiet():
+            return torch.export.export(model, (_example(example, dynamic_batch),), dynamic_shapes=shapes)
+    except Exception as e:  # torch.export raises many unrelated types; each means "cannot capture"
+        hint = " (or export with a static batch)" if dynamic_batch and "specialized" in str(e) else ""
+        raise ExportError(f"torch.export cannot capture {type(model).__name__}: {_summary(e)}{hint}") from e
+
+
+# ---------------------------------------------------------------------------------------- ONNX
+
+def _output_names(ep: ExportedProgram) -> list[str]:
+    n = len(ep.graph_signature.user_outputs)
+    return ["output"] if n == 1 else [f"output{i}" for i in range(n)]
+
+
+def _to_onnx(ep: ExportedProgram, opset: int) -> onnx.ModelProto:
+    try:
+        with _quiet():
+            program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, input_names=["input"],
+                                        output_names=_output_names(ep), verbose=False)
+            return program.model_proto
+    except torch.onnx.OnnxExporterError as e:
+        raise ExportError(_conversion_message(e, ep)) from e
+
+
+def _name_batch_dim(proto: onnx.ModelProto) -> None:
+    """Rename the exporter's symbol for the input's dim 0 (e.g. 's77') to 'batch' everywhere."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    symbol = dims[0].dim_param if dims else ""
+    if not symbol:
+        raise ExportError("the batch dimension was specialised to a constant during export")
+    for info in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        for d in info.type.tensor_type.shape.dim:
+            if d.dim_param == symbol:
+                d.dim_param = BATCH
+
+
+def _self_check(model: nn.Module, path: Path, example: Tensor, dynamic_batch: bool) -> None:
+    """onnx.checker, then onnxruntime vs torch at the example's batch size and (if dynamic) another."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"exported ONNX model is invalid: {_summary(e)}") from e
+    batches = [example, torch.cat([example, example[:1]])] if dynamic_batch else [example]
+    result = onnx_matches_torch(model, path, batches, tol=EXPORT_CHECK_TOL)
+    if not result.passed:
+        raise ExportError(f"exported ONNX model differs from torch: max rel error {result.max_rel:.3g} "
+                          f"> {EXPORT_CHECK_TOL:g}")
+
+
+def export_onnx(model: nn.Module, example: Tensor, path: str | os.PathLike, *, opset: int = 18,
+                dynamic_batch: bool = True, check: bool = True) -> Path:
+    """Export ``model`` (input: ``example`` batch) to a single-file ONNX model at ``path``, atomically.
+
+    With ``check`` the written file must pass ``onnx.checker`` and match torch in onnxruntime (also at
+    a second batch size when ``dynamic_batch``) before it replaces ``path``.
+    """
+    path = Path(path)
+    _check_size(model)
+    ep = capture(model, example, dynamic_batch=dynamic_batch)
+    proto = _to_onnx(ep, opset)
+    if dynamic_batch:
+        _name_batch_dim(proto)
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, str(tmp))
+        if check:
+            _self_check(model, tmp, example, dynamic_batch)
+    return path
+
+
+# ---------------------------------------------------------------------------------------- .pt2
+
+def export_pt2(model: nn.Module, example: Tensor, path: str | os.PathLike, *, dynamic_batch: bool = True) -> Path:
+    """Save ``torch.export`` of ``model`` (dynamic batch by default) to ``path`` (.pt2), atomically."""
+    path = Path(path)
+    ep = capture(model, example, dynamic_batch=dynamic_batch)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.export.save(ep, f)
+    return path
+
+
+def load_pt2(path: str | os.PathLike) -> ExportedProgram:
+    """Load a .pt2 written by :func:`export_pt2`; unreadable files -> ExportError naming the file."""
+    try:
+        return torch.export.load(str(path))
+    except Exception as e:  # missing file, not a zip, wrong version: all mean "cannot load this file"
+        raise ExportError(f"cannot load exported program '{path}': {_summary(e)}") from e

@@ -1,0 +1,1 @@
+"""Fold pass: pure weight algebra (algebra.py) and the fx graph pass."""

@@ -1,0 +1,171 @@
+"""Dead and constant channels (DESIGN 4.2): a channel that is constant on the recorded states
+(always-OFF ReLU neurons, zero weight rows, linearised saturated neurons) is dropped from its
+producer and from every consumer, its constant folded into the consumers' bias (a border map for
+padded convs). Channels whose consumers are not all conv/linear layers, e.g. channels coupled
+through a residual add, are kept and the skip is reported."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from nepenthe_compress.entropy import SiteStats
+from nepenthe_compress.fold import algebra as A
+from nepenthe_compress.fold.graph import FoldGraph, is_affine, is_conv2d, is_linear, is_weighted, only_input
+from nepenthe_compress.fold.modules import ChannelAffine, conv_module, conv_spec, linear_module, linear_spec
+from nepenthe_compress.sites import classify_node
+
+
+def drop_constant_channels(fg: FoldGraph, stats: dict[str, SiteStats]) -> int:
+    """Drop every provably constant channel that can be dropped; returns how many were dropped."""
+    dropped = 0
+    for node in list(fg.gm.graph.nodes):
+        if getattr(node, "_erased", False) or not is_weighted(fg, node):
+            continue
+        dropped += _drop_from(fg, node, stats)
+    return dropped
+
+
+def _pointwise_chain(fg: FoldGraph, producer: fx.Node) -> list[fx.Node]:
+    """Per-channel element-wise nodes (rectifiers without per-channel parameters, ChannelAffine)
+    following ``producer`` through single-use edges."""
+    chain, t = [], producer
+    while len(t.users) == 1:
+        u = next(iter(t.users))
+        found = classify_node(fg.gm, u)
+        elementwise = (found is not None and found[0].name != "prelu") or is_affine(fg, u)
+        if not elementwise or (u.args[0] if u.args else None) is not t:
+            break
+        chain.append(u)
+        t = u
+    return chain
+
+
+def _constants(fg: FoldGraph, producer: fx.Node, chain: list[fx.Node],
+               stats: dict[str, SiteStats]) -> list[float | None]:
+    """Per output channel: its constant value at the end of ``chain`` or None."""
+    m = fg.module(producer)
+    w = m.weight.detach().flatten(1)
+    bias = m.bias.detach() if m.bias is not None else torch.zeros(w.shape[0])
+    bias_map = getattr(m, "bias_map", None)
+    consts: list[float | None] = []
+    for i in range(w.shape[0]):
+        flat = bias_map is None or bool((bias_map[i] == 0).all())
+        consts.append(float(bias[i]) if flat and not bool(w[i].any()) else None)
+    for op in chain:
+        consts = _through(fg, op, consts, stats)
+    return consts
+
+
+def _through(fg: FoldGraph, op: fx.Node, consts: list[float | None],
+             stats: dict[str, SiteStats]) -> list[float | None]:
+    """Constants after one per-channel op: known constants are pushed through the op itself; a
+    neuron recorded as always in a state whose map has slope 0 becomes that state's constant."""
+    n = len(consts)
+    known = torch.tensor([c if c is not None else 0.0 for c in consts], dtype=torch.float32)
+    out = [None] * n
+    pushed = _run(fg, op, known.view(1, n)).flatten().tolist()
+    for i, c in enumerate(consts):
+        if c is not None:
+            out[i] = pushed[i]
+    if is_affine(fg, op):
+        aff = fg.module(op)
+        for i in torch.nonzero(aff.scale == 0).flatten().tolist():
+            out[i] = float(aff.shift[i])
+        return out
+    st = stats.get(op.name)
+    found = classify_node(fg.gm, op)
+    if st is not None and found is not None and st.neurons == n:
+        kind, params = found
+        states = st.neuron_state
+        for s in np.unique(states[states >= 0]):
+            a, c = kind.affine(params, int(s), n)
+            for i in np.nonzero(states == s)[0]:
+                if float(a[i]) == 0.0:
+                    out[i] = float(c[i])
+    return out
+
+
+def _run(fg: FoldGraph, op: fx.Node, x: Tensor) -> Tensor:
+    """Evaluate a per-channel element-wise node on (1, C) channel values."""
+    if op.op == "call_module":
+        m = fg.module(op)
+        if isinstance(m, ChannelAffine):
+            return x * m.scale + m.shift
+        return m(x)
+    if op.op == "call_function":
+        return op.target(x, *op.args[1:], **op.kwargs)
+    return getattr(x, op.target)(*op.args[1:], **op.kwargs)
+
+
+def _drop_from(fg: FoldGraph, producer: fx.Node, stats: dict[str, SiteStats]) -> int:
+    m = fg.module(producer)
+    if is_conv2d(fg, producer) and m.groups != 1:
+        return 0
+    chain = _pointwise_chain(fg, producer)
+    end = chain[-1] if chain else producer
+    consts = _constants(fg, producer, chain, stats)
+    drop = [i for i, c in enumerate(consts) if c is not None]
+    if not drop:
+        return 0
+    if len(drop) == len(consts):
+        drop = drop[1:]  # keep one channel so every tensor stays non-empty
+        if not drop:
+            return 0
+    consumers = list(end.users)
+    ok = consumers and all(
+        is_weighted(fg, u) and only_input(u) is end and is_conv2d(fg, u) == is_conv2d(fg, producer)
+        and (not is_conv2d(fg, u) or fg.module(u).groups == 1) for u in consumers)
+    if not ok:
+        names = ", ".join(fg.label(u) if u.op != "output" else "graph output" for u in consumers)
+        fg.record("skip", fg.label(producer),
+                  f"{len(drop)} constant channel(s) kept: consumers ({names}) are not all conv/linear layers")
+        return 0
+    keep = torch.ones(len(consts), dtype=torch.bool)
+    keep[drop] = False
+    values = torch.tensor([consts[i] if i in drop else 0.0 for i in range(len(consts))], dtype=torch.float64)
+    _slice_producer(fg, producer, keep)
+    for op in chain:
+        if is_affine(fg, op):
+            aff = fg.module(op)
+            fg.set_module(op, ChannelAffine(aff.scale[keep], aff.shift[keep], aff.axis))
+    for u in consumers:
+        _slice_consumer(fg, u, end, keep, values)
+    nonzero = int((values != 0).sum())
+    fg.record("drop", fg.label(producer), f"{len(drop)} constant channel(s) removed "
+              f"({len(drop) - nonzero} zero, {nonzero} folded into the consumers' bias)")
+    return len(drop)
+
+
+def _slice_producer(fg: FoldGraph, node: fx.Node, keep: Tensor) -> None:
+    m = fg.module(node)
+    if is_linear(fg, node):
+        s = linear_spec(m)
+        w, b = A.drop_out_channels(s.weight, s.bias, keep)
+        fg.set_module(node, linear_module(A.LinearSpec(w, b), m))
+        return
+    s = conv_spec(m)
+    w, b = A.drop_out_channels(s.weight, s.bias, keep)
+    bias_map = None if s.bias_map is None else s.bias_map[keep]
+    fg.set_module(node, conv_module(A.ConvSpec(w, b, s.stride, s.padding, s.dilation, 1, bias_map), m))
+
+
+def _slice_consumer(fg: FoldGraph, node: fx.Node, src: fx.Node, keep: Tensor, values: Tensor) -> None:
+    m = fg.module(node)
+    if is_linear(fg, node):
+        s = linear_spec(m)
+        bias = s.bias + s.weight @ values
+        fg.set_module(node, linear_module(A.LinearSpec(A.drop_in_channels(s.weight, keep), bias), m))
+        return
+    s = conv_spec(m)
+    bias, bias_map = s.bias, s.bias_map
+    if bool(values.any()):
+        h, w = fg.shape(src)[-2:]
+        extra = A.additive_through_conv(values.view(-1, 1, 1).expand(-1, h, w).contiguous(), s)
+        if extra.dim() == 1:
+            bias = bias + extra
+        else:
+            bias_map = extra if bias_map is None else bias_map + extra
+    spec = A.ConvSpec(A.drop_in_channels(s.weight, keep), bias, s.stride, s.padding, s.dilation, 1, bias_map)
+    fg.set_module(node, conv_module(spec, m))

@@ -1,0 +1,177 @@
+"""``fold`` end to end: load, measure, fold, verify, export, benchmark, report (all-or-nothing)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from nepenthe_compress.checkpoint import LoadedCheckpoint, load_checkpoint
+from nepenthe_compress.data import Dataset, iter_batches, load_data, split
+from nepenthe_compress.entropy import EntropyReport, measure_entropy
+from nepenthe_compress.errors import FoldError, UserError
+from nepenthe_compress.export import export_onnx, export_pt2
+from nepenthe_compress.fold.core import FoldedGraph, fold_graph
+from nepenthe_compress.fold.graph import FoldOptions
+from nepenthe_compress.fold.metrics import count_macs
+from nepenthe_compress.io import OutputSet
+from nepenthe_compress.onnx_depth import onnx_depth, onnx_param_count
+from nepenthe_compress.verify import VerifyResult, onnx_matches_torch, verify_equivalence
+
+EXACT_TOL = 1e-5  # max|diff| / max|ref| on data where the recorded states hold (DESIGN 4)
+
+
+@dataclass
+class FoldRequest:
+    checkpoint: str
+    arch: str | None = None
+    arch_kwargs: dict = field(default_factory=dict)
+    calib: str | None = None
+    outdir: str | None = None
+    options: FoldOptions = FoldOptions()
+    holdout: float = 0.2
+    limit: int | None = None
+    batch_size: int = 64
+    trust_pickle: bool = False
+    bench: bool = True
+    bench_repeats: int = 20
+    pt2: bool = True
+    progress: bool = False
+
+
+@dataclass
+class FoldResult:
+    checkpoint: str
+    arch: str | None
+    options: dict
+    calibration: dict
+    sites: dict
+    events: list[dict]
+    channels_dropped: int
+    depth: dict
+    params: dict
+    macs: dict
+    equivalence: dict
+    latency: dict | None
+    outputs: dict
+    entropy: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def stem_of(path: str | os.PathLike) -> str:
+    name = Path(path).name
+    for suffix in (".pt", ".pth", ".ckpt", ".bin"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def load_calibration(ck: LoadedCheckpoint, calib: str | None, limit: int | None) -> Dataset:
+    spec = calib or ck.meta.get("calib")
+    if not spec:
+        raise UserError(f"no calibration data: pass --calib (checkpoint '{ck.path.name}' names none)")
+    return load_data(spec, normalize=ck.meta.get("normalize"), input_shape=ck.meta.get("input_shape"),
+                     limit=limit)
+
+
+def state_flips(calib: EntropyReport, held: EntropyReport) -> dict:
+    """Neurons that were constant on the calibration part (the fold relies on them) but took
+    another state, or several, on the held-out part."""
+    held_by = held.by_name()
+    relied = flipped = 0
+    for s in calib.sites:
+        constant = s.constant_neurons
+        other = held_by[s.name].neuron_state
+        relied += int(constant.sum())
+        flipped += int((constant & (other != s.neuron_state)).sum())
+    return {"neurons_relied_on": relied, "flipped": flipped,
+            "fraction": flipped / relied if relied else 0.0}
+
+
+def fold_checkpoint(req: FoldRequest) -> FoldResult:
+    ck = load_checkpoint(req.checkpoint, arch=req.arch, arch_kwargs=req.arch_kwargs or None,
+                         trust_pickle=req.trust_pickle)
+    data = load_calibration(ck, req.calib, req.limit)
+    calib, held = split(data, req.holdout)
+    outdir = Path(req.outdir) if req.outdir else ck.path.parent
+    stem = stem_of(ck.path)
+    model = ck.model.eval()
+
+    def batches(x: Tensor) -> list[Tensor]:
+        return list(iter_batches(x, req.batch_size))
+
+    report = measure_entropy(model, batches(calib.x), progress=req.progress)
+    example = calib.x[:2]
+    folded = fold_graph(model, report, example, req.options)
+    exact = not (req.options.allow_inexact or req.options.approximate)
+
+    eq_calib = verify_equivalence(model, folded.model, batches(calib.x), tol=EXACT_TOL)
+    eq_held = verify_equivalence(model, folded.model, batches(held.x), tol=EXACT_TOL)
+    flips = state_flips(report, measure_entropy(model, batches(held.x)))
+    if exact and not eq_calib.passed:
+        raise FoldError(f"folded model differs from the original on the calibration data where the "
+                        f"recorded states hold: max rel error {eq_calib.max_rel:.3g} > {EXACT_TOL:g}")
+
+    with OutputSet() as out:
+        paths = {"onnx": outdir / f"{stem}.folded.onnx", "original_onnx": outdir / f"{stem}.onnx",
+                 "report": outdir / f"{stem}.report.json"}
+        if req.pt2:
+            paths["pt2"] = outdir / f"{stem}.folded.pt2"
+        staged = {k: out.stage(p) for k, p in paths.items()}
+        export_onnx(folded.model, example, staged["onnx"])
+        export_onnx(model, example, staged["original_onnx"])
+        if req.pt2:
+            export_pt2(folded.model, example, staged["pt2"])
+        onnx_checks = [onnx_matches_torch(folded.model, staged["onnx"], [calib.x[:n]], tol=EXACT_TOL)
+                       for n in sorted({1, min(len(calib), 7)})]
+        if not all(r.passed for r in onnx_checks):
+            worst = max(r.max_rel for r in onnx_checks)
+            raise FoldError(f"onnxruntime output of the folded model differs from torch: max rel error {worst:.3g}")
+        latency = _latency(staged, calib.x, req) if req.bench else None
+        result = FoldResult(
+            checkpoint=str(ck.path), arch=ck.arch, options=asdict(req.options),
+            calibration={"source": data.spec, "samples": len(calib), "heldout": len(held),
+                         "input_shape": list(calib.x.shape[1:])},
+            sites={"total": folded.sites_total, "linearised": len(folded.linearised),
+                   "linearised_names": folded.linearised,
+                   "zero_entropy": len(report.zero_entropy_sites)},
+            events=[e.to_dict() for e in folded.events],
+            channels_dropped=folded.channels_dropped,
+            depth={"before": onnx_depth(staged["original_onnx"]), "after": onnx_depth(staged["onnx"])},
+            params={"before": onnx_param_count(staged["original_onnx"]), "after": onnx_param_count(staged["onnx"])},
+            macs={"before": count_macs(model, example), "after": count_macs(folded.model, example)},
+            equivalence={"exact_claimed": exact, "tolerance": EXACT_TOL,
+                         "calibration": eq_calib.to_dict(), "heldout": eq_held.to_dict(),
+                         "heldout_state_flips": flips,
+                         "onnx_vs_torch": [dict(r.to_dict(), batch=r.samples) for r in onnx_checks]},
+            latency=latency,
+            outputs={k: str(p) for k, p in paths.items()},
+            entropy=report.to_dict())
+        staged_report = staged["report"]
+        staged_report.write_text(json.dumps(result.to_dict(), indent=2, default=_json) + "\n")
+    return result
+
+
+def _latency(staged: dict[str, Path], x: Tensor, req: FoldRequest) -> dict:
+    from nepenthe_compress.bench import compare_latency
+
+    table = compare_latency({"original": staged["original_onnx"], "folded": staged["onnx"]},
+                            tuple(x.shape[1:]), batches=(1, 32), threads=2, repeats=req.bench_repeats)
+    return table.to_dict()
+
+
+def _json(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.ndarray, Tensor)):
+        return o.tolist()
+    raise TypeError(type(o))
