@@ -90,7 +90,7 @@ def _torch_load(path: Path, weights_only: bool) -> Any:
                               f"{reason.group(1) if reason else _first_line(e)}") from None
     except Exception as e:  # torch.load raises RuntimeError, EOFError, ValueError, ... on bad files
         raise CheckpointError(
-            f"checkpoint '{path}' is truncated, corrupt or not a PyTorch file: "
+            f"cannot read checkpoint '{path}' (truncated, corrupt or not a PyTorch file?): "
             f"{type(e).__name__}: {_first_line(e)}") from None
 
 
@@ -129,17 +129,21 @@ def _field(obj: dict, key: str, kind: type, path: Path) -> Any:
 
 def _own_format(obj: dict, path: Path) -> _Content:
     if obj["format"] != FORMAT:
-        raise CheckpointError(f"checkpoint '{path}' has unsupported format {obj['format']!r} (expected {FORMAT!r})")
+        raise CheckpointError(
+            f"checkpoint '{path}' has unsupported format {obj['format']!r} (expected {FORMAT!r})")
     meta = _field(obj, "meta", dict, path)
     sites = meta.get("linearised_sites", [])
     if not (isinstance(sites, list) and all(isinstance(s, str) for s in sites)):
         raise CheckpointError(f"checkpoint '{path}' is malformed: meta.linearised_sites must be a list of names")
-    return _Content(_field(obj, "state_dict", dict, path), _field(obj, "arch", str, path),
-                    _field(obj, "arch_kwargs", dict, path), _field(obj, "masks", dict, path), meta)
+    sd = _field(obj, "state_dict", dict, path)
+    if not _is_state_dict(sd):
+        raise CheckpointError(f"checkpoint '{path}' is malformed: 'state_dict' must map names to tensors")
+    return _Content(sd, _field(obj, "arch", str, path), _field(obj, "arch_kwargs", dict, path),
+                    _field(obj, "masks", dict, path), meta)
 
 
 def _parse(obj: Any, path: Path) -> _Content:
-    if isinstance(obj, dict) and "format" in obj:
+    if isinstance(obj, dict) and str(obj.get("format", "")).startswith(FORMAT.split("/")[0] + "/"):
         return _own_format(obj, path)
     if _is_state_dict(obj):
         return _Content(obj)
@@ -239,7 +243,8 @@ def apply_linearised(model: nn.Module, names: list[str]) -> fx.GraphModule:
             f"(its sites: {_few(list(sites), 5)})")
     for name in dict.fromkeys(names):
         site = sites[name]
-        pass
+        site.node.replace_all_uses_with(site.input)
+        gm.graph.erase_node(site.node)
     gm.graph.lint()
     gm.recompile()
     return gm.eval()
@@ -263,6 +268,7 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None, arch_kwarg
     """Load any accepted checkpoint form into an eval-mode model (see the module docstring).
 
     ``arch`` overrides the stored architecture; ``arch_kwargs`` override stored and inferred kwargs.
+    A trusted pickled module (``trust_pickle``) is returned as it is; ``arch`` is then not used.
     """
     path = _check_file(path)
     obj = _read(path, trust_pickle)

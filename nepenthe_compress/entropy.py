@@ -225,7 +225,9 @@ def measure_entropy(model: nn.Module, batches: Iterable[Tensor], *, progress: bo
 def _progress(batches: Iterable[Tensor], enabled: bool) -> Iterable[Tensor]:
     if not enabled:
         return batches
+    from rich.console import Console
     from rich.progress import track
 
     total = len(batches) if hasattr(batches, "__len__") else None
-    return track(batches, description="measuring neuron states", total=total, transient=True)
+    return track(batches, description="measuring neuron states", total=total, transient=True,
+                 console=Console(stderr=True))

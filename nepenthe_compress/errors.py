@@ -20,3 +20,7 @@ class TraceError(UserError):
 
 class FoldError(UserError):
     """The fold pass cannot proceed (unsupported layer, failed equivalence, ...)."""
+
+
+class ExportError(UserError):
+    """The model cannot be exported (capture or ONNX translation failed, or the result is wrong)."""

@@ -8,6 +8,8 @@ and match torch. The TorchScript exporter (``dynamo=False``) is deliberately NOT
 it fails on vgg11_bn at small inputs (adaptive_avg_pool2d to a non-divisor size), and where it "succeeds"
 on a model torch.export rejects (data-dependent Python control flow) it bakes the one branch taken by
 the example into the graph, a silently wrong model. A capture failure is reported instead.
+Capturing here (rather than inside torch.onnx.export) shares one code path with the .pt2 export and
+keeps the ExportedProgram at hand to name the module of an operator that has no ONNX translation.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim, ExportedProgram
 
-from nepenthe_compress.errors import UserError
+from nepenthe_compress.errors import ExportError, UserError
 from nepenthe_compress.io import atomic_path
 from nepenthe_compress.verify import eval_mode, onnx_matches_torch
 
@@ -36,21 +38,21 @@ _CALL_SITE = re.compile(r'The following call raised this error:\s*\n\s*File "([^
 _NO_ONNX_OP = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)'")
 
 
-class ExportError(UserError):
-    """The model cannot be exported (capture or ONNX translation failed, or the result is wrong)."""
-
-
 # ---------------------------------------------------------------------------------------- messages
 
 def _lines(e: BaseException) -> list[str]:
     return [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
 
 
+def _first_sentence(line: str) -> str:
+    return re.split(r"(?<=[.!])\s+", line, maxsplit=1)[0]
+
+
 def _summary(e: BaseException) -> str:
-    """One line: the exception's first line, its first '- ' detail line, and the user call site."""
+    """One line: the exception's first sentence, its first '- ' detail, and the user call site."""
     lines = _lines(e) or [type(e).__name__]
     detail = next((ln[2:] for ln in lines[1:3] if ln.startswith("- ")), None)
-    text = f"{lines[0]} {detail}" if detail else lines[0]
+    text = _first_sentence(lines[0]) + (f" {_first_sentence(detail)}" if detail else "")
     site = _CALL_SITE.search(_ANSI.sub("", str(e)))
     return f"{text} (at {site[1]}:{site[2]})" if site else text
 
@@ -87,16 +89,16 @@ def _conversion_message(e: BaseException, ep: ExportedProgram) -> str:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence the exporters' progress prints, warnings and torch log chatter."""
-    logger = logging.getLogger("torch")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """Silence the exporters' progress prints, warnings and torch's log records (restored afterwards)."""
+    disabled = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     try:
-        with warnings.catch_warnings(), open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        with (warnings.catch_warnings(), open(os.devnull, "w") as null, contextlib.redirect_stdout(null),
+              contextlib.redirect_stderr(null)):
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        logging.disable(disabled)
 
 
 def _example(example: Tensor, dynamic_batch: bool) -> Tensor:
@@ -120,7 +122,7 @@ def capture(model: nn.Module, example: Tensor, *, dynamic_batch: bool = True) ->
         with eval_mode(model), _quiet():
             return torch.export.export(model, (_example(example, dynamic_batch),), dynamic_shapes=shapes)
     except Exception as e:  # torch.export raises many unrelated types; each means "cannot capture"
-        hint = " (or export with a static batch)" if dynamic_batch and "specialized" in str(e) else ""
+        hint = " (a static-batch export avoids this)" if dynamic_batch and "specialized" in str(e) else ""
         raise ExportError(f"torch.export cannot capture {type(model).__name__}: {_summary(e)}{hint}") from e
 
 
@@ -136,9 +138,14 @@ def _to_onnx(ep: ExportedProgram, opset: int) -> onnx.ModelProto:
         with _quiet():
             program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, input_names=["input"],
                                         output_names=_output_names(ep), verbose=False)
-            return program.model_proto
+            proto = program.model_proto
     except torch.onnx.OnnxExporterError as e:
         raise ExportError(_conversion_message(e, ep)) from e
+    # the exporter implements opset 18+ and version-converts other requests, keeping 18 when that fails
+    got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != opset:
+        raise ExportError(f"cannot export to ONNX opset {opset}: the exporter produced opset {got}")
+    return proto
 
 
 def _name_batch_dim(proto: onnx.ModelProto) -> None:
@@ -160,7 +167,10 @@ def _self_check(model: nn.Module, path: Path, example: Tensor, dynamic_batch: bo
     except onnx.checker.ValidationError as e:
         raise ExportError(f"exported ONNX model is invalid: {_summary(e)}") from e
     batches = [example, torch.cat([example, example[:1]])] if dynamic_batch else [example]
-    result = onnx_matches_torch(model, path, batches, tol=EXPORT_CHECK_TOL)
+    try:
+        result = onnx_matches_torch(model, path, batches, tol=EXPORT_CHECK_TOL)
+    except UserError as e:   # onnxruntime cannot load or run it
+        raise ExportError(f"exported ONNX model fails its onnxruntime check: {e}") from e
     if not result.passed:
         raise ExportError(f"exported ONNX model differs from torch: max rel error {result.max_rel:.3g} "
                           f"> {EXPORT_CHECK_TOL:g}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter, defaultdict, deque
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import onnx
@@ -104,3 +105,19 @@ def onnx_depth(model: onnx.ModelProto | str | os.PathLike) -> int:
 def onnx_param_count(model: onnx.ModelProto | str | os.PathLike) -> int:
     """Number of elements in the floating-point initializers."""
     return sum(math.prod(init.dims) for init in _model(model).graph.initializer if init.data_type in FLOAT_TYPES)
+
+
+@dataclass
+class OnnxSummary:
+    depth: int                  # weighted layers on the longest input-to-output path
+    weighted: dict[str, int]    # weighted layers per op type, whole graph
+    params: int                 # elements of floating-point initializers
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def onnx_summary(model: onnx.ModelProto | str | os.PathLike) -> OnnxSummary:
+    """Depth, weighted-layer counts and parameter count, reading the model once."""
+    proto = _model(model)
+    return OnnxSummary(onnx_depth(proto), count_weighted(proto), onnx_param_count(proto))

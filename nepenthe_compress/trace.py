@@ -84,7 +84,8 @@ def _make_pure(gm: fx.GraphModule, node: fx.Node, made_pure: set[str]) -> bool:
             return True
     elif node.op == "call_method":
         name = node.target
-        if name.endswith("_") and not name.startswith("_") and hasattr(torch.Tensor, name[:-1]):
+        # x.relu_() -> x.relu(); not requires_grad_ (its twin is a property, not a method)
+        if name.endswith("_") and not name.startswith("_") and callable(getattr(torch.Tensor, name[:-1], None)):
             node.target = name[:-1]
             return True
     return False

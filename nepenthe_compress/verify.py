@@ -134,7 +134,7 @@ class _Stats:
     def add(self, ref: list[Tensor], cand: list[Tensor], batch: int) -> None:
         if len(ref) != len(cand):
             raise UserError(f"reference has {len(ref)} output(s), candidate {len(cand)}")
-        for i, (r, c) in enumerate(zip(ref, cand)):
+        for i, (r, c) in enumerate(zip(ref, cand, strict=True)):
             if r.shape != c.shape:
                 raise UserError(f"output {i}: reference shape {tuple(r.shape)} != candidate {tuple(c.shape)}")
             r64, c64 = r.detach().double(), c.detach().double()

@@ -13,16 +13,6 @@ from nepenthe_compress.archs import BUILTINS, build_model, infer_arch_kwargs
 from nepenthe_compress.errors import CheckpointError
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Intra-op threads spin-wait badly on a shared 2-core machine: 1 thread is ~50x faster here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 VGG16_WIDTHS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
 
 

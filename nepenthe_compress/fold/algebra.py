@@ -33,6 +33,10 @@ class NotExact(Exception):
     """The requested merge is not exact (or not supported); ``str(e)`` is the reason."""
 
 
+class BorderInexact(NotExact):
+    """Both convs spatial and the second zero-padded: exact only away from the border ring."""
+
+
 @dataclass(frozen=True)
 class ConvSpec:
     weight: Tensor                      # [Co, Ci/groups, kH, kW]
@@ -268,7 +272,7 @@ def compose_convs(a: ConvSpec, b: ConvSpec, in_hw: Pair, allow_inexact: bool = F
     _check_map(a, in_hw)
     _check_map(b, mid_hw)
     if not allow_inexact and not _border_exact(a, b):
-        raise NotExact(f"padded {_kxk(a.kernel_size)} -> padded {_kxk(b.kernel_size)} "
+        raise BorderInexact(f"padded {_kxk(a.kernel_size)} -> padded {_kxk(b.kernel_size)} "
                        "is border-inexact")
     axes = [_compose_axis(*g) for g in zip(a.kernel_size, a.stride, a.padding, a.dilation,
                                            b.kernel_size, b.stride, b.padding, b.dilation)]
@@ -304,7 +308,7 @@ def _compose_weights(a: ConvSpec, b: ConvSpec, axes: list[_Axis]) -> tuple[Tenso
     if ga >= gb:        # each b-group reads r a-groups: its inputs are those r groups' inputs
         wa6 = wa.reshape(g, r, m // ga, cia, kah, kaw)
         wb6 = wb.reshape(g, co // g, r, m // ga, kbh, kbw)
-        equation = "gorm,grmixy->goirxy"
+        equation = "gorm,grmixy->gorixy"
     else:               # r b-groups each read a slice of one a-group's outputs
         wa6 = wa.reshape(g, r, m // gb, cia, kah, kaw)
         wb6 = wb.reshape(g, r, co // gb, m // gb, kbh, kbw)

@@ -56,7 +56,7 @@ def _compose(fg: FoldGraph, nodes: list[fx.Node]):
         try:
             spec = A.compose_convs(spec, b, hw)
         except A.NotExact as e:
-            if not (fg.options.allow_inexact and "inexact" in str(e)):
+            if not (fg.options.allow_inexact and isinstance(e, A.BorderInexact)):
                 return None, f"{fg.label(prev)} -> {fg.label(node)}: {e}", False
             spec, inexact = A.compose_convs(spec, b, hw, allow_inexact=True), True
     return spec, None, inexact

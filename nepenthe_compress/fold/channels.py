@@ -12,7 +12,7 @@ from torch import Tensor
 
 from nepenthe_compress.entropy import SiteStats
 from nepenthe_compress.fold import algebra as A
-from nepenthe_compress.fold.graph import FoldGraph, is_affine, is_conv2d, is_linear, is_weighted, only_input
+from nepenthe_compress.fold.graph import ADD_FUNCTIONS, FoldGraph, is_affine, is_conv2d, is_linear, is_weighted, only_input
 from nepenthe_compress.fold.modules import ChannelAffine, conv_module, conv_spec, linear_module, linear_spec
 from nepenthe_compress.sites import classify_node
 
@@ -27,15 +27,20 @@ def drop_constant_channels(fg: FoldGraph, stats: dict[str, SiteStats]) -> int:
     return dropped
 
 
+def is_depthwise(fg: FoldGraph, node: fx.Node) -> bool:
+    m = fg.module(node)
+    return is_conv2d(fg, node) and m.groups == m.in_channels == m.out_channels
+
+
 def _pointwise_chain(fg: FoldGraph, producer: fx.Node) -> list[fx.Node]:
-    """Per-channel element-wise nodes (rectifiers without per-channel parameters, ChannelAffine)
+    """Per-channel nodes (rectifiers without per-channel parameters, ChannelAffine, depthwise convs)
     following ``producer`` through single-use edges."""
     chain, t = [], producer
     while len(t.users) == 1:
         u = next(iter(t.users))
         found = classify_node(fg.gm, u)
-        elementwise = (found is not None and found[0].name != "prelu") or is_affine(fg, u)
-        if not elementwise or (u.args[0] if u.args else None) is not t:
+        per_channel = (found is not None and found[0].name != "prelu") or is_affine(fg, u) or is_depthwise(fg, u)
+        if not per_channel or (u.args[0] if u.args else None) is not t:
             break
         chain.append(u)
         t = u
@@ -62,6 +67,8 @@ def _through(fg: FoldGraph, op: fx.Node, consts: list[float | None],
              stats: dict[str, SiteStats]) -> list[float | None]:
     """Constants after one per-channel op: known constants are pushed through the op itself; a
     neuron recorded as always in a state whose map has slope 0 becomes that state's constant."""
+    if is_depthwise(fg, op):
+        return _through_depthwise(fg.module(op), consts)
     n = len(consts)
     known = torch.tensor([c if c is not None else 0.0 for c in consts], dtype=torch.float32)
     out = [None] * n
@@ -84,6 +91,22 @@ def _through(fg: FoldGraph, op: fx.Node, consts: list[float | None],
             for i in np.nonzero(states == s)[0]:
                 if float(a[i]) == 0.0:
                     out[i] = float(c[i])
+    return out
+
+
+def _through_depthwise(m: torch.nn.Conv2d, consts: list[float | None]) -> list[float | None]:
+    """A depthwise conv maps a constant channel to a constant when it is 0 (zero padding adds
+    nothing) or when the conv reads no padding; a border bias map makes the result non-constant."""
+    bias_map = getattr(m, "bias_map", None)
+    bias = m.bias.detach() if m.bias is not None else torch.zeros(m.out_channels)
+    unpadded = all(p == 0 for p in m.padding)
+    out: list[float | None] = []
+    for i, c in enumerate(consts):
+        flat = bias_map is None or bool((bias_map[i] == 0).all())
+        if c is None or not flat or (c != 0 and not unpadded):
+            out.append(None)
+        else:
+            out.append(float(bias[i] + c * m.weight[i].sum()))
     return out
 
 
@@ -119,8 +142,9 @@ def _drop_from(fg: FoldGraph, producer: fx.Node, stats: dict[str, SiteStats]) ->
         and (not is_conv2d(fg, u) or fg.module(u).groups == 1) for u in consumers)
     if not ok:
         names = ", ".join(fg.label(u) if u.op != "output" else "graph output" for u in consumers)
-        fg.record("skip", fg.label(producer),
-                  f"{len(drop)} constant channel(s) kept: consumers ({names}) are not all conv/linear layers")
+        why = ("coupled through a residual add" if any(u.target in ADD_FUNCTIONS for u in consumers)
+               else f"consumers ({names}) are not all conv/linear layers")
+        fg.record("skip", fg.label(producer), f"{len(drop)} constant channel(s) kept: {why}")
         return 0
     keep = torch.ones(len(consts), dtype=torch.bool)
     keep[drop] = False
@@ -130,6 +154,12 @@ def _drop_from(fg: FoldGraph, producer: fx.Node, stats: dict[str, SiteStats]) ->
         if is_affine(fg, op):
             aff = fg.module(op)
             fg.set_module(op, ChannelAffine(aff.scale[keep], aff.shift[keep], aff.axis))
+        elif is_depthwise(fg, op):
+            s = conv_spec(fg.module(op))
+            bias_map = None if s.bias_map is None else s.bias_map[keep]
+            spec = A.ConvSpec(s.weight[keep], s.bias[keep], s.stride, s.padding, s.dilation,
+                              int(keep.sum()), bias_map)
+            fg.set_module(op, conv_module(spec, fg.module(op)))
     for u in consumers:
         _slice_consumer(fg, u, end, keep, values)
     nonzero = int((values != 0).sum())

@@ -1,7 +1,7 @@
 """The fold pass: from measured neuron states to a folded (shallower) GraphModule.
 
-    linearise zero-entropy sites -> fold BN / affine maps into neighbours -> merge residual branches
-    -> merge linear chains (cost model) -> drop constant channels -> repeat the local folds
+    linearise zero-entropy sites -> fold BN / affine maps into neighbours, merge residual branches
+    -> drop constant channels -> merge linear chains (cost model) -> repeat until nothing changes
 """
 from __future__ import annotations
 
@@ -50,16 +50,16 @@ def fold_graph(model: nn.Module, report: EntropyReport, example: Tensor,
     linearised = linearise_sites(fg, sites, stats)
     dropped = 0
     with torch.no_grad():
-        for _ in range(2):  # a second round catches folds enabled by dropped channels
+        for _ in range(3):  # later rounds catch folds enabled by earlier drops and merges
+            events = len(fg.log)
             apply_rules(fg)
+            n = drop_constant_channels(fg, stats) if options.drop_channels else 0
+            if n:
+                dropped += n
+                fg.gm.recompile()
+                propagate_shapes(fg.gm, example)
             merge_chains(fg)
             apply_rules(fg)
-            if not options.drop_channels:
+            if len(fg.log) == events:
                 break
-            n = drop_constant_channels(fg, stats)
-            dropped += n
-            if n == 0:
-                break
-            fg.gm.recompile()
-            propagate_shapes(fg.gm, example)
     return FoldedGraph(fg.finish(), fg.log, len(sites), linearised, dropped)

@@ -8,20 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from nepenthe_compress.checkpoint import LoadedCheckpoint, load_checkpoint
 from nepenthe_compress.data import Dataset, iter_batches, load_data, split
 from nepenthe_compress.entropy import EntropyReport, measure_entropy
 from nepenthe_compress.errors import FoldError, UserError
 from nepenthe_compress.export import export_onnx, export_pt2
-from nepenthe_compress.fold.core import FoldedGraph, fold_graph
+from nepenthe_compress.fold.core import fold_graph
 from nepenthe_compress.fold.graph import FoldOptions
 from nepenthe_compress.fold.metrics import count_macs
 from nepenthe_compress.io import OutputSet
 from nepenthe_compress.onnx_depth import onnx_depth, onnx_param_count
-from nepenthe_compress.verify import VerifyResult, onnx_matches_torch, verify_equivalence
+from nepenthe_compress.verify import onnx_matches_torch, verify_equivalence
 
 EXACT_TOL = 1e-5  # max|diff| / max|ref| on data where the recorded states hold (DESIGN 4)
 

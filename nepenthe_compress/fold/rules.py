@@ -159,6 +159,24 @@ def affine_into_consumers(fg: FoldGraph, node: fx.Node) -> bool:
     return True
 
 
+def layernorm_affine_into_linears(fg: FoldGraph, node: fx.Node) -> bool:
+    """LayerNorm(affine) -> Linear (every user): the LN keeps only its normalisation and gamma/beta
+    go into the Linears' weights and biases. Exact."""
+    m = fg.module(node)
+    if not isinstance(m, nn.LayerNorm) or m.weight is None or len(m.normalized_shape) != 1:
+        return False
+    users = list(node.users)
+    if not users or not all(is_linear(fg, u) and only_input(u) is node for u in users):
+        return False
+    gamma = m.weight.detach().double()
+    beta = m.bias.detach().double() if m.bias is not None else torch.zeros_like(gamma)
+    for u in users:
+        fg.set_module(u, linear_module(A.affine_then_linear(gamma, beta, linear_spec(fg.module(u))), fg.module(u)))
+        fg.record("fold", f"{fg.label(node)} affine", f"into {fg.label(u)}")
+    fg.set_module(node, nn.LayerNorm(m.normalized_shape, m.eps, elementwise_affine=False))
+    return True
+
+
 # ---- residual / parallel branches ---------------------------------------------------------------
 
 def _branch(fg: FoldGraph, node: fx.Node, add: fx.Node) -> tuple[fx.Node, str]:
@@ -210,7 +228,7 @@ def parallel_add(fg: FoldGraph, node: fx.Node) -> bool:
 
 
 RULES: list[Rule] = [drop_identity, batchnorm_to_affine, affine_into_producer, affine_into_consumers,
-                     parallel_add]
+                     layernorm_affine_into_linears, parallel_add]
 
 
 def apply_rules(fg: FoldGraph, rules: list[Rule] = RULES) -> None:

@@ -47,6 +47,13 @@ class DistContext:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
+    def sync_buffers(self, model: torch.nn.Module) -> None:
+        """Give every rank rank 0's buffers (DDP leaves each rank's last BatchNorm statistics)."""
+        if self.world == 1:
+            return
+        for buf in model.buffers():
+            dist.broadcast(buf.data, src=0)
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()

@@ -83,6 +83,7 @@ class PruneConfig:
              (self.rounds, self.target_sparsity, self.max_drop) == (None, None, None),
              f"{self.method} needs a stop: give --rounds, --target-sparsity or --max-drop"),
             (self.rounds is not None and self.rounds < 0, f"--rounds must be >= 0, got {self.rounds}"),
+            (self.max_drop is not None and self.max_drop < 0, f"--max-drop must be >= 0, got {self.max_drop}"),
             (self.epochs < 0 or (self.finetune_epochs or 0) < 0, "epochs must be >= 0"),
             (self.lr <= 0, f"--lr must be > 0, got {self.lr}"),
             (self.batch_size < 1, f"--batch-size must be >= 1, got {self.batch_size}"),
@@ -261,7 +262,7 @@ class _Runner:
             sites_removed=len(state.linearised) + len(zero), sites_total=self.sites_total,
             accuracy=accuracy, loss=loss, linearised=list(state.linearised), zero_entropy=zero,
             checkpoint=f"round_{r:02d}.pt",
-            within_limit=self.cfg.max_drop is None or accuracy >= dense - self.cfg.max_drop)
+            within_limit=r == 0 or self.cfg.max_drop is None or accuracy >= dense - self.cfg.max_drop)
         if self.ctx.main:
             save_checkpoint(self.out / row.checkpoint, state.gm, self.arch, self.arch_kwargs, state.masks,
                             self._meta(state, row, dense))

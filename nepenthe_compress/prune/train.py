@@ -109,6 +109,7 @@ def train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, cfg: TrainConfig,
                     advance()
     finally:
         hook.remove()
+    ctx.sync_buffers(model)
     total = ctx.all_reduce_sum(loss_sum)
     mean = float(total[0] / total[1])
     if not math.isfinite(mean):

@@ -1,0 +1,63 @@
+"""``nepenthe-compress bench``: side-by-side onnxruntime latency of ONNX models."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from nepenthe_compress.bench import LatencyTable, compare_latency
+from nepenthe_compress.commands.common import console, emit_json, json_option, user_errors
+
+
+def _parse_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in value.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise click.BadParameter(f"expected positive integers like 3,32,32, got {value!r}")
+    return shape
+
+
+input_shape_option = click.option(
+    "--input-shape", callback=_parse_shape, default=None, metavar="C,H,W",
+    help="Per-sample input shape (without the batch), e.g. 3,32,32 or 64 for feature vectors.")
+
+
+def display_names(paths: tuple[str, ...]) -> dict[str, str]:
+    """name -> path: file names when they are unique, else the paths as given."""
+    names = [Path(p).name for p in paths]
+    return dict(zip(names, paths, strict=True)) if len(set(names)) == len(set(paths)) else {p: p for p in paths}
+
+
+def render_latency(table: LatencyTable) -> Table:
+    out = Table(title=f"onnxruntime CPU latency, {table.threads} thread(s), median of {table.repeats}, "
+                      f"input (batch, {', '.join(map(str, table.input_shape))})")
+    for col in ("model", "batch", "median ms", "IQR ms", f"speedup vs {table.baseline}"):
+        out.add_column(col, justify="left" if col == "model" else "right")
+    for r in table.rows:
+        out.add_row(r.model, str(r.batch), f"{r.median_s * 1e3:.3f}", f"{r.iqr_s * 1e3:.3f}", f"{r.speedup:.2f}x")
+    return out
+
+
+@click.command("bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True, default=(1, 32), show_default=True,
+              help="Batch size to measure (repeatable).")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="onnxruntime intra-op threads.")
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed runs per model and batch.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs first.")
+@input_shape_option
+@json_option
+@user_errors
+def bench(models: tuple[str, ...], batches: tuple[int, ...], threads: int, repeats: int, warmup: int,
+          input_shape: tuple[int, ...] | None, json_path: str | None) -> None:
+    """Median latency of MODEL.onnx files measured side by side (interleaved), with speedups vs the first."""
+    table = compare_latency(display_names(models), input_shape, batches, threads, warmup, repeats)
+    console.print(render_latency(table))
+    emit_json(table.to_dict(), json_path)

@@ -1,0 +1,86 @@
+"""``entropy``: per-site neuron states and layer entropy of a checkpoint on calibration data."""
+from __future__ import annotations
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from nepenthe_compress.checkpoint import load_checkpoint
+from nepenthe_compress.commands.common import (
+    arch_kwargs_option,
+    arch_option,
+    batch_option,
+    calib_option,
+    console,
+    emit_json,
+    err_console,
+    json_option,
+    limit_option,
+    parse_kv,
+    trust_option,
+    user_errors,
+)
+from nepenthe_compress.data import iter_batches, load_data
+from nepenthe_compress.entropy import EntropyReport, measure_entropy
+from nepenthe_compress.errors import DataError
+from nepenthe_compress.plot import plot_entropy, site_labels
+
+
+def entropy_table(report: EntropyReport) -> Table:
+    """One row per site: neuron counts per constant state, mixed neurons, entropy, zero-entropy mark."""
+    caption = f"zero-entropy sites {len(report.zero_entropy_sites)}/{len(report.sites)}"
+    if any(not s.exact for s in report.sites):
+        caption += "  (~: linearising this kind is approximate)"
+    table = Table(title=f"Neuron states on {report.samples} calibration samples", caption=caption,
+                  caption_justify="left")
+    table.add_column("site")
+    table.add_column("kind")
+    for name in ("neurons", "always-OFF", "always-ON/LINEAR", "SATURATED", "mixed", "entropy (bits)"):
+        table.add_column(name, justify="right")
+    table.add_column("zero-entropy", justify="center")
+    for label, s in zip(site_labels(report.sites), report.sites):
+        always = s.always()
+        on = always.get("ON", always.get("LINEAR", 0))
+        saturated = str(always["SATURATED"]) if "SATURATED" in always else "-"
+        table.add_row(label, s.kind + ("" if s.exact else "~"), str(s.neurons), str(always["OFF"]), str(on),
+                      saturated, str(s.mixed), f"{s.entropy:.4f}", "[bold green]yes[/]" if s.zero_entropy else "",
+                      style="bold" if s.zero_entropy else None)
+    return table
+
+
+@click.command("entropy")
+@click.argument("ckpt")
+@arch_option
+@arch_kwargs_option
+@calib_option
+@limit_option
+@batch_option
+@json_option
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the neuron-state figure here (.png, .svg or .pdf).")
+@trust_option
+@click.option("--leaf", multiple=True, metavar="NAME",
+              help="Module class name or qualified name to keep opaque when tracing (repeatable).")
+@user_errors
+def entropy(ckpt: str, arch: str | None, arch_kw: tuple[str, ...], calib: str | None, limit: int | None,
+            batch_size: int, json_path: str | None, plot_path: str | None, trust_pickle: bool,
+            leaf: tuple[str, ...]) -> None:
+    """Measure, per activation site of CKPT, how many neurons never change state on calibration data.
+
+    A site whose neurons are all always-OFF / always-ON (or LINEAR / SATURATED) has zero entropy: on
+    that data it is a linear map that `fold` can remove.
+    """
+    loaded = load_checkpoint(ckpt, arch=arch, arch_kwargs=parse_kv(arch_kw), trust_pickle=trust_pickle)
+    spec = calib or loaded.meta.get("calib")
+    if not spec:
+        raise DataError(f"checkpoint '{ckpt}' names no calibration data: pass --calib SRC "
+                        "(a .npz/.pt file with x, an image folder, cifar10:ROOT, mnist or digits)")
+    data = load_data(spec, normalize=loaded.meta.get("normalize"), input_shape=loaded.meta.get("input_shape"),
+                     limit=limit)
+    report = measure_entropy(loaded.model, list(iter_batches(data.x, batch_size)), progress=True,
+                             leaf_modules=leaf)
+    out: Console = err_console if json_path == "-" else console  # keep stdout pure JSON
+    out.print(entropy_table(report))
+    emit_json(report.to_dict(), json_path)
+    if plot_path is not None:
+        out.print(f"plot written to {plot_entropy(report, plot_path)}")

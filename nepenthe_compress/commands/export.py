@@ -1,0 +1,78 @@
+"""``nepenthe-compress export``: checkpoint -> ONNX (and optionally .pt2), with depth and parameters."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import torch
+from rich.table import Table
+from torch import Tensor
+
+from nepenthe_compress.checkpoint import LoadedCheckpoint, load_checkpoint
+from nepenthe_compress.commands.bench import input_shape_option
+from nepenthe_compress.commands.common import (arch_kwargs_option, arch_option, calib_option, console, emit_json,
+                                               json_option, parse_kv, trust_option, user_errors)
+from nepenthe_compress.data import load_data
+from nepenthe_compress.errors import UserError
+from nepenthe_compress.export import export_onnx, export_pt2
+from nepenthe_compress.io import OutputSet
+from nepenthe_compress.onnx_depth import OnnxSummary, onnx_summary
+
+EXAMPLE_SEED = 0
+
+
+def example_input(ck: LoadedCheckpoint, calib: str | None, input_shape: tuple[int, ...] | None,
+                  batch_size: int) -> Tensor:
+    """--calib data, else random N(0,1) of the known input shape, else the checkpoint's own calib data."""
+    shape = input_shape or ck.meta.get("input_shape")
+    spec = calib or (None if shape else ck.meta.get("calib"))
+    if spec:
+        return load_data(spec, normalize=ck.meta.get("normalize"), input_shape=shape, limit=batch_size).x
+    if shape:
+        return torch.randn((batch_size, *shape), generator=torch.Generator().manual_seed(EXAMPLE_SEED))
+    raise UserError(f"input shape of '{ck.path}' unknown: pass --input-shape C,H,W or --calib SRC")
+
+
+def render_summary(paths: list[Path], summary: OnnxSummary) -> Table:
+    table = Table(title="exported", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("files", "\n".join(map(str, paths)))
+    table.add_row("depth (weighted layers on the longest path)", str(summary.depth))
+    table.add_row("weighted layers", ", ".join(f"{k} {v}" for k, v in sorted(summary.weighted.items())))
+    table.add_row("parameters", f"{summary.params:,}")
+    return table
+
+
+@click.command("export")
+@click.argument("ckpt", type=click.Path(exists=True, dir_okay=False))
+@arch_option
+@arch_kwargs_option
+@calib_option
+@trust_option
+@input_shape_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="ONNX file to write [default: CKPT with suffix .onnx].")
+@click.option("--opset", type=click.IntRange(min=7), default=18, show_default=True, help="ONNX opset version.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Batch size of the example input used for export.")
+@click.option("--static-batch", is_flag=True, help="Fix the batch dimension to --batch-size (default: dynamic).")
+@click.option("--pt2", is_flag=True, help="Also write a torch.export program (.pt2) next to the ONNX file.")
+@json_option
+@user_errors
+def export(ckpt: str, arch: str | None, arch_kw: tuple[str, ...], calib: str | None, trust_pickle: bool,
+           input_shape: tuple[int, ...] | None, output: str | None, opset: int, batch_size: int,
+           static_batch: bool, pt2: bool, json_path: str | None) -> None:
+    """Export checkpoint CKPT to ONNX (checked against torch in onnxruntime) and report its depth."""
+    ck = load_checkpoint(ckpt, arch=arch, arch_kwargs=parse_kv(arch_kw), trust_pickle=trust_pickle)
+    example = example_input(ck, calib, input_shape, batch_size)
+    onnx_path = Path(output) if output else Path(ckpt).with_suffix(".onnx")
+    paths = [onnx_path, onnx_path.with_suffix(".pt2")] if pt2 else [onnx_path]
+    with OutputSet() as out:  # both files or neither
+        staged_onnx = export_onnx(ck.model, example, out.stage(paths[0]), opset=opset, dynamic_batch=not static_batch)
+        summary = onnx_summary(staged_onnx)
+        if pt2:
+            export_pt2(ck.model, example, out.stage(paths[1]), dynamic_batch=not static_batch)
+    console.print(render_summary(paths, summary))
+    emit_json({"files": [str(p) for p in paths], "opset": opset, "dynamic_batch": not static_batch,
+               **summary.to_dict()}, json_path)

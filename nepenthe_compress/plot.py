@@ -1,0 +1,104 @@
+"""Neuron-state figure of an entropy report: per site, the fraction of neurons always in each state
+(stacked bars) and the layer entropy (line, second axis), as in the papers' figure.
+
+matplotlib is imported only when a figure is drawn (no pyplot, no global backend: Agg canvas).
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from nepenthe_compress.entropy import EntropyReport, SiteStats
+from nepenthe_compress.errors import UserError
+from nepenthe_compress.io import atomic_path
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# stacked-bar category -> (states counted in it, colour); "mixed" is every non-constant neuron
+CATEGORIES: dict[str, tuple[tuple[str, ...], str]] = {
+    "always OFF": (("OFF",), "#3f3f3f"),
+    "always ON / LINEAR": (("ON", "LINEAR"), "#4daf4a"),
+    "always SATURATED": (("SATURATED",), "#ff7f00"),
+    "mixed": ((), "#a6cee3"),
+}
+ZERO_ENTROPY_COLOUR = "#d7301f"
+
+
+def site_labels(sites: Sequence[SiteStats]) -> list[str]:
+    """Each site's target (module path, ``#k`` for reuse); its fx name where targets repeat."""
+    repeats = Counter(s.target for s in sites)
+    return [s.target if repeats[s.target] == 1 else s.name for s in sites]
+
+
+def neuron_fractions(site: SiteStats) -> dict[str, float]:
+    """Fraction of the site's neurons in each ``CATEGORIES`` entry (sums to 1)."""
+    n = max(site.neurons, 1)
+    always = site.always()
+    out = {name: sum(always.get(s, 0) for s in states) / n for name, (states, _) in CATEGORIES.items()}
+    out["mixed"] = site.mixed / n
+    return out
+
+
+def entropy_figure(report: EntropyReport) -> Figure:
+    """The stacked-bar + entropy-line figure (not saved)."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    sites = report.sites
+    x = np.arange(len(sites))
+    fig = Figure(figsize=(max(6.0, 0.32 * len(sites) + 2.5), 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    fractions = [neuron_fractions(s) for s in sites]
+    present = {st for s in sites for st in s.states}
+    bottom = np.zeros(len(sites))
+    for name, (states, colour) in CATEGORIES.items():
+        shown = [st for st in states if st in present]
+        if states and not shown:
+            continue  # e.g. no three-state site: no SATURATED bar
+        height = np.array([f[name] for f in fractions])
+        label = f"always {' / '.join(shown)}" if states else name
+        ax.bar(x, height, 0.8, bottom=bottom, color=colour, label=label, edgecolor="white", linewidth=0.3)
+        bottom += height
+    zero = [i for i, s in enumerate(sites) if s.zero_entropy]
+    ax.bar(x[zero], 1.0, 0.8, fill=False, edgecolor=ZERO_ENTROPY_COLOUR, linewidth=1.8, clip_on=False)
+    ax.set_xlim(-0.6, len(sites) - 0.4)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("fraction of neurons")
+    ax.set_xticks(x, site_labels(sites), rotation=90, fontsize=7)
+    for i in zero:
+        ax.get_xticklabels()[i].set(color=ZERO_ENTROPY_COLOUR, fontweight="bold")
+
+    ent = np.array([s.entropy for s in sites])
+    ax2 = ax.twinx()
+    ax2.plot(x, ent, color="black", marker="o", markersize=3, linewidth=1.2, label="layer entropy")
+    ax2.plot(x[zero], ent[zero], linestyle="none", marker="o", markersize=5, color=ZERO_ENTROPY_COLOUR)
+    top = max(1.0, float(np.log2(max((len(s.states) for s in sites), default=2))))
+    ax2.set_ylim(0, top * 1.05)
+    ax2.set_ylabel("layer entropy (bits)")
+
+    handles = [*ax.get_legend_handles_labels()[0], *ax2.get_legend_handles_labels()[0],
+               Patch(fill=False, edgecolor=ZERO_ENTROPY_COLOUR, linewidth=1.8, label="zero-entropy site")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8, frameon=False)
+    fig.suptitle(f"Neuron states per site: {len(zero)}/{len(sites)} zero-entropy sites "
+                 f"({report.samples} samples)", fontsize=10)
+    return fig
+
+
+def plot_entropy(report: EntropyReport, path: str | os.PathLike) -> Path:
+    """Draw ``entropy_figure(report)`` to ``path`` atomically; the format follows the suffix."""
+    path = Path(path)
+    fig = entropy_figure(report)
+    fmt = path.suffix.lower().lstrip(".") or "png"
+    supported = fig.canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise UserError(f"cannot write plot '{path}': unsupported image format '.{fmt}' "
+                        f"(use one of {', '.join('.' + f for f in sorted(supported))})")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=150)
+    return path
