@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.fx as fx
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from nepenthe_compress.errors import DataError
 from nepenthe_compress.sites import Site, find_sites

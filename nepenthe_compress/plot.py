@@ -90,15 +90,24 @@ def entropy_figure(report: EntropyReport) -> Figure:
     return fig
 
 
-def plot_entropy(report: EntropyReport, path: str | os.PathLike) -> Path:
-    """Draw ``entropy_figure(report)`` to ``path`` atomically; the format follows the suffix."""
+def plot_format(path: str | os.PathLike) -> str:
+    """The image format ``path``'s suffix names (png when none); ``UserError`` if matplotlib lacks it."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
     path = Path(path)
-    fig = entropy_figure(report)
     fmt = path.suffix.lower().lstrip(".") or "png"
-    supported = fig.canvas.get_supported_filetypes()
+    supported = FigureCanvasBase.get_supported_filetypes()
     if fmt not in supported:
         raise UserError(f"cannot write plot '{path}': unsupported image format '.{fmt}' "
                         f"(use one of {', '.join('.' + f for f in sorted(supported))})")
+    return fmt
+
+
+def plot_entropy(report: EntropyReport, path: str | os.PathLike) -> Path:
+    """Draw ``entropy_figure(report)`` to ``path`` atomically; the format follows the suffix."""
+    path = Path(path)
+    fmt = plot_format(path)
+    fig = entropy_figure(report)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=150)
     return path

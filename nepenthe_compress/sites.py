@@ -153,6 +153,8 @@ def find_sites(gm: fx.GraphModule) -> list[Site]:
             target = node.target if k == 0 else f"{node.target}#{k}"
         else:
             target = getattr(node.target, "__name__", str(node.target))
+        # the first trace's label sticks (a re-traced copy with sites removed renumbers calls)
+        target = node.meta.setdefault("nc_site_label", target)
         axis, reason = neuron_axis(gm, node.args[0] if node.args else node.kwargs["input"])
         sites.append(Site(node.name, target, kind, node, axis, reason, params))
     return sites

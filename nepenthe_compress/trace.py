@@ -6,9 +6,8 @@ import operator
 from collections.abc import Iterable
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from nepenthe_compress.errors import TraceError
 
@@ -38,6 +37,10 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> fx
     ``leaf_modules`` are module classes, class names or qualified names kept opaque (use them for
     modules with data-dependent control flow). Raises ``TraceError`` naming the failing construct.
     """
+    if isinstance(model, fx.GraphModule):  # already traced: keep its node (site) names
+        gm = copy.deepcopy(model).eval()
+        remove_inplace(gm)
+        return gm
     leaves = tuple(x for x in leaf_modules if isinstance(x, type))
     names = frozenset(x for x in leaf_modules if isinstance(x, str))
     model = copy.deepcopy(model).eval()

@@ -392,8 +392,8 @@ def test_figure_bars_and_line_match_the_counts() -> None:
         expected["always SATURATED"].append(names.count("SATURATED") / n)
         expected["mixed"].append(float((~constant).sum()) / n)
     assert bars.keys() == expected.keys()
-    for key in expected:
-        np.testing.assert_allclose(bars[key], expected[key], rtol=0, atol=1e-12, err_msg=key)
+    for key, values in expected.items():
+        np.testing.assert_allclose(bars[key], values, rtol=0, atol=1e-12, err_msg=key)
     assert [neuron_fractions(s) for s in report.sites] == [
         {k: expected[k][i] for k in expected} for i in range(len(report.sites))]
     line = ax2.get_lines()[0]
@@ -474,7 +474,7 @@ def test_cli_json_to_stdout_and_calib_override(ckpt, tmp_path) -> None:
     assert "zero-entropy sites" in res.stderr
 
 
-@pytest.mark.parametrize("case", ["missing calib", "bad path", "bad calib"])
+@pytest.mark.parametrize("case", ["missing calib", "bad path", "bad calib", "bad plot format"])
 def test_cli_errors_are_one_line(case: str, ckpt, tmp_path) -> None:
     path, model, _ = ckpt
     if case == "missing calib":
@@ -483,10 +483,13 @@ def test_cli_errors_are_one_line(case: str, ckpt, tmp_path) -> None:
         args, needle = [str(path)], "--calib"
     elif case == "bad path":
         args, needle = [str(tmp_path / "nope.pt")], "nope.pt"
-    else:
+    elif case == "bad calib":
         args, needle = [str(path), "--calib", str(tmp_path / "nope.npz")], "nope.npz"
+    else:  # refused before any work: no JSON is written either
+        args, needle = [str(path), "--plot", str(tmp_path / "p.txt"), "--json", str(tmp_path / "e.json")], ".txt"
     res = CliRunner().invoke(entropy_cmd, args)
     assert res.exit_code == 1
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr
     assert "Traceback" not in res.output
+    assert not (tmp_path / "e.json").exists() and not (tmp_path / "p.txt").exists()

@@ -6,8 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from nepenthe_compress.prune.budget import (global_magnitude_counts, nepenthe_budget, prune_amount, softmax,
-                                            target_cap)
+from nepenthe_compress.prune.budget import global_magnitude_counts, nepenthe_budget, prune_amount, softmax, target_cap
 
 
 def _shares(r: list[float]) -> list[float]:

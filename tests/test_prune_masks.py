@@ -39,7 +39,7 @@ def _masked_model(seed: int = 0):
     torch.manual_seed(seed)
     model = Res()
     masks = full_masks(model, ["conv1", "conv2", "fc1"])
-    for name, m in masks.items():
+    for m in masks.values():
         m.view(-1)[torch.randperm(m.numel())[: m.numel() // 2]] = False
     return model, masks
 

@@ -63,8 +63,8 @@ def _check_round(ck, cfg: PruneConfig, r: int, holdout) -> None:
     assert ck.meta["sparsity"] == pytest.approx(removed / sum(m.numel() for m in ck.masks.values()), abs=1e-12)
     sd = ck.model.state_dict()
     assert all((sd[k][~m] == 0).all() for k, m in ck.masks.items())
-    live = {s.name for s in find_sites(trace_model(ck.model))} if not ck.meta["linearised_sites"] else \
-        {s.name for s in find_sites(ck.model)}
+    gm = ck.model if isinstance(ck.model, torch.fx.GraphModule) else trace_model(ck.model)
+    live = {s.name for s in find_sites(gm)}        # original names: a loaded GraphModule is not re-traced
     assert live.isdisjoint(ck.meta["linearised_sites"]) and set(ck.meta["entropy"]) == live
     with torch.no_grad():
         acc = 100.0 * float((ck.model(holdout.x).argmax(1) == holdout.y).sum()) / len(holdout.y)

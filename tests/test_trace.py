@@ -6,10 +6,9 @@ import operator
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 import torchvision
-from torch import nn
+from torch import fx, nn
 
 from nepenthe_compress.errors import TraceError, UserError
 from nepenthe_compress.trace import trace_model
@@ -249,3 +248,26 @@ def test_leaf_modules_make_it_traceable(leaf) -> None:
             ref = F.relu(z * 2.0 if z.sum() > 0 else -z)
             assert torch.equal(gm(x), model(x))
             assert torch.allclose(gm(x).double(), ref, rtol=0, atol=1e-5)
+
+
+class RequiresGradCall(nn.Module):
+    """A trailing-underscore method whose twin is a property, not an out-of-place method."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y.requires_grad_(False)
+        return F.relu(y)
+
+
+def test_method_without_out_of_place_twin_is_kept() -> None:
+    torch.manual_seed(6)
+    model = RequiresGradCall().eval()
+    gm = trace_model(model)
+    assert [n.target for n in gm.graph.nodes if n.op == "call_method"] == ["requires_grad_"]
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))

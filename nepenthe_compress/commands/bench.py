@@ -7,7 +7,7 @@ import click
 from rich.table import Table
 
 from nepenthe_compress.bench import LatencyTable, compare_latency
-from nepenthe_compress.commands.common import console, emit_json, json_option, user_errors
+from nepenthe_compress.commands.common import emit_json, json_option, out_console, user_errors
 
 
 def _parse_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -59,5 +59,5 @@ def bench(models: tuple[str, ...], batches: tuple[int, ...], threads: int, repea
           input_shape: tuple[int, ...] | None, json_path: str | None) -> None:
     """Median latency of MODEL.onnx files measured side by side (interleaved), with speedups vs the first."""
     table = compare_latency(display_names(models), input_shape, batches, threads, warmup, repeats)
-    console.print(render_latency(table))
+    out_console(json_path).print(render_latency(table))
     emit_json(table.to_dict(), json_path)

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from nepenthe_compress.errors import UserError
 
@@ -16,16 +17,21 @@ console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
+def out_console(json_path: str | None) -> Console:
+    """Where tables go: stderr when ``--json -`` claims stdout for pure JSON."""
+    return err_console if json_path == "-" else console
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn ``UserError`` (and a few obvious OS errors) into a one-line message and exit 1."""
+    """Turn ``UserError`` and OS errors (unwritable output, full disk) into one line and exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except UserError as e:
+        except (UserError, OSError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            err_console.print(f"[bold red]error:[/] {msg}", soft_wrap=True, markup=True)
+            err_console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
             sys.exit(1)
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]")
@@ -50,6 +56,10 @@ trust_option = click.option(
     help="Allow loading a checkpoint that pickles whole modules (executes code from the file!).")
 limit_option = click.option("--limit", type=int, default=None, help="Use at most this many samples.")
 batch_option = click.option("--batch-size", type=int, default=64, show_default=True)
+leaf_option = click.option(
+    "--leaf", "leaf", multiple=True, metavar="NAME",
+    help="Keep this module (class name or qualified name) opaque when tracing (repeatable); use it "
+         "for modules with data-dependent control flow.")
 json_option = click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
                            help="Also write the result as JSON to this path ('-' for stdout).")
 

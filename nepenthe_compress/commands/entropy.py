@@ -11,11 +11,10 @@ from nepenthe_compress.commands.common import (
     arch_option,
     batch_option,
     calib_option,
-    console,
     emit_json,
-    err_console,
     json_option,
     limit_option,
+    out_console,
     parse_kv,
     trust_option,
     user_errors,
@@ -23,7 +22,7 @@ from nepenthe_compress.commands.common import (
 from nepenthe_compress.data import iter_batches, load_data
 from nepenthe_compress.entropy import EntropyReport, measure_entropy
 from nepenthe_compress.errors import DataError
-from nepenthe_compress.plot import plot_entropy, site_labels
+from nepenthe_compress.plot import plot_entropy, plot_format, site_labels
 
 
 def entropy_table(report: EntropyReport) -> Table:
@@ -33,11 +32,11 @@ def entropy_table(report: EntropyReport) -> Table:
         caption += "  (~: linearising this kind is approximate)"
     table = Table(title=f"Neuron states on {report.samples} calibration samples", caption=caption,
                   caption_justify="left")
-    table.add_column("site")
+    table.add_column("site", overflow="fold", min_width=14)
     table.add_column("kind")
-    for name in ("neurons", "always-OFF", "always-ON/LINEAR", "SATURATED", "mixed", "entropy (bits)"):
+    for name in ("neurons", "always\nOFF", "always\nON/LINEAR", "always\nSATURATED", "mixed", "entropy\n(bits)"):
         table.add_column(name, justify="right")
-    table.add_column("zero-entropy", justify="center")
+    table.add_column("zero\nentropy", justify="center")
     for label, s in zip(site_labels(report.sites), report.sites):
         always = s.always()
         on = always.get("ON", always.get("LINEAR", 0))
@@ -70,6 +69,8 @@ def entropy(ckpt: str, arch: str | None, arch_kw: tuple[str, ...], calib: str | 
     A site whose neurons are all always-OFF / always-ON (or LINEAR / SATURATED) has zero entropy: on
     that data it is a linear map that `fold` can remove.
     """
+    if plot_path is not None:
+        plot_format(plot_path)  # fail before the work, not after it
     loaded = load_checkpoint(ckpt, arch=arch, arch_kwargs=parse_kv(arch_kw), trust_pickle=trust_pickle)
     spec = calib or loaded.meta.get("calib")
     if not spec:
@@ -79,8 +80,11 @@ def entropy(ckpt: str, arch: str | None, arch_kw: tuple[str, ...], calib: str | 
                      limit=limit)
     report = measure_entropy(loaded.model, list(iter_batches(data.x, batch_size)), progress=True,
                              leaf_modules=leaf)
-    out: Console = err_console if json_path == "-" else console  # keep stdout pure JSON
-    out.print(entropy_table(report))
+    out = out_console(json_path)
+    table = entropy_table(report)
+    if not out.is_terminal:  # a file or pipe gets the table's natural width, not 80 columns
+        out = Console(file=out.file, width=out.measure(table, options=out.options.update_width(500)).maximum)
+    out.print(table)
     emit_json(report.to_dict(), json_path)
     if plot_path is not None:
         out.print(f"plot written to {plot_entropy(report, plot_path)}")

@@ -10,8 +10,17 @@ from torch import Tensor
 
 from nepenthe_compress.checkpoint import LoadedCheckpoint, load_checkpoint
 from nepenthe_compress.commands.bench import input_shape_option
-from nepenthe_compress.commands.common import (arch_kwargs_option, arch_option, calib_option, console, emit_json,
-                                               json_option, parse_kv, trust_option, user_errors)
+from nepenthe_compress.commands.common import (
+    arch_kwargs_option,
+    arch_option,
+    calib_option,
+    emit_json,
+    json_option,
+    out_console,
+    parse_kv,
+    trust_option,
+    user_errors,
+)
 from nepenthe_compress.data import load_data
 from nepenthe_compress.errors import UserError
 from nepenthe_compress.export import export_onnx, export_pt2
@@ -73,6 +82,6 @@ def export(ckpt: str, arch: str | None, arch_kw: tuple[str, ...], calib: str | N
         summary = onnx_summary(staged_onnx)
         if pt2:
             export_pt2(ck.model, example, out.stage(paths[1]), dynamic_batch=not static_batch)
-    console.print(render_summary(paths, summary))
+    out_console(json_path).print(render_summary(paths, summary))
     emit_json({"files": [str(p) for p in paths], "opset": opset, "dynamic_batch": not static_batch,
                **summary.to_dict()}, json_path)

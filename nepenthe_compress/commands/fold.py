@@ -4,9 +4,21 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from nepenthe_compress.commands.common import (arch_kwargs_option, arch_option, batch_option, calib_option,
-                                               console, emit_json, limit_option, parse_kv, trust_option,
-                                               user_errors)
+from nepenthe_compress.commands.common import (
+    arch_kwargs_option,
+    arch_option,
+    batch_option,
+    calib_option,
+    console,
+    emit_json,
+    json_option,
+    leaf_option,
+    limit_option,
+    out_console,
+    parse_kv,
+    trust_option,
+    user_errors,
+)
 
 
 @click.command()
@@ -32,21 +44,21 @@ from nepenthe_compress.commands.common import (arch_kwargs_option, arch_option, 
 @click.option("--repeats", type=int, default=20, show_default=True, help="Latency repeats (median).")
 @click.option("--pt2/--no-pt2", default=True, show_default=True, help="Also save the folded torch.export program.")
 @trust_option
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
-              help="Also print/write the report as JSON ('-' for stdout).")
+@leaf_option
+@json_option
 @user_errors
 def fold(checkpoint, arch, arch_kw, calib, outdir, merge, allow_inexact, approximate, keep_channels, holdout,
-         limit, batch_size, bench, repeats, pt2, trust_pickle, json_path) -> None:
+         limit, batch_size, bench, repeats, pt2, trust_pickle, leaf, json_path) -> None:
     """Fold a pruned CHECKPOINT into a shallower ONNX model and prove it equivalent."""
     from nepenthe_compress.fold.graph import FoldOptions
     from nepenthe_compress.fold.pipeline import FoldRequest, fold_checkpoint
 
     req = FoldRequest(checkpoint, arch, parse_kv(arch_kw), calib, outdir,
                       FoldOptions(merge, allow_inexact, approximate, not keep_channels), holdout, limit,
-                      batch_size, trust_pickle, bench, repeats, pt2, progress=console.is_terminal)
+                      batch_size, trust_pickle, bench, repeats, pt2, leaf, progress=console.is_terminal)
     with console.status("folding...") if console.is_terminal else _null():
         result = fold_checkpoint(req)
-    render(result)
+    render(result, out_console(json_path))
     emit_json(result.to_dict(), json_path)
 
 
@@ -56,7 +68,7 @@ def _null():
     return contextlib.nullcontext()
 
 
-def render(r) -> None:
+def render(r, console=console) -> None:
     eq = r.equivalence
     t = Table(title=f"fold {r.checkpoint}", show_header=False, title_justify="left")
     t.add_column(style="bold")

@@ -7,8 +7,15 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from nepenthe_compress.commands.common import (arch_kwargs_option, arch_option, console, emit_json, json_option,
-                                               parse_kv, user_errors)
+from nepenthe_compress.commands.common import (
+    arch_kwargs_option,
+    arch_option,
+    emit_json,
+    json_option,
+    out_console,
+    parse_kv,
+    user_errors,
+)
 from nepenthe_compress.prune import METHODS, PruneConfig, PruneResult, RoundResult, run_prune
 from nepenthe_compress.prune.run import FINAL_FILE
 from nepenthe_compress.prune.train import SCHEDULES
@@ -78,8 +85,9 @@ def prune(arch: str | None, arch_kw: tuple[str, ...], data: str, method: str, ze
         zeta=zeta, rounds=rounds, target_sparsity=target_sparsity, max_drop=max_drop, epochs=epochs,
         finetune_epochs=finetune_epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
         schedule=schedule, seed=seed, holdout=holdout, limit=limit, init=init, resume=resume, progress=True)
-    result = run_prune(cfg, on_round=lambda row: console.print(_round_line(row)))
+    out = out_console(json_path)
+    result = run_prune(cfg, on_round=lambda row: out.print(_round_line(row)))
     if os.environ.get("RANK", "0") == "0":  # torchrun: one report
-        console.print(render(result))
-        console.print(f"kept round {result.selected}: {cfg.out_dir / FINAL_FILE}")
+        out.print(render(result))
+        out.print(f"kept round {result.selected}: {cfg.out_dir / FINAL_FILE}")
         emit_json(result.to_dict(), json_path)

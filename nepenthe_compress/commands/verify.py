@@ -13,9 +13,19 @@ from torch import Tensor
 
 from nepenthe_compress.checkpoint import load_checkpoint
 from nepenthe_compress.commands.bench import input_shape_option
-from nepenthe_compress.commands.common import (arch_kwargs_option, arch_option, batch_option, calib_option, console,
-                                               emit_json, json_option, limit_option, parse_kv, trust_option,
-                                               user_errors)
+from nepenthe_compress.commands.common import (
+    arch_kwargs_option,
+    arch_option,
+    batch_option,
+    calib_option,
+    emit_json,
+    json_option,
+    limit_option,
+    out_console,
+    parse_kv,
+    trust_option,
+    user_errors,
+)
 from nepenthe_compress.data import iter_batches, load_data
 from nepenthe_compress.errors import UserError
 from nepenthe_compress.export import load_pt2
@@ -109,7 +119,7 @@ def verify(reference: str, candidate: str, arch: str | None, arch_kw: tuple[str,
     ref, cand = open_model(reference, opts), open_model(candidate, opts)
     x, data = inputs(calib, [ref.meta, cand.meta], input_shape, limit)
     result = compare_runners(ref.runner, cand.runner, iter_batches(x, batch_size), tol)
-    console.print(render_result(reference, candidate, data, result))
+    out_console(json_path).print(render_result(reference, candidate, data, result))
     emit_json({"reference": reference, "candidate": candidate, "inputs": data, **result.to_dict()}, json_path)
     if not result.passed:
         raise UserError(f"not equivalent: max |diff| / max |ref| = {result.max_rel:.3g} > tol {tol:g}")

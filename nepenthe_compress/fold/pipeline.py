@@ -40,6 +40,7 @@ class FoldRequest:
     bench: bool = True
     bench_repeats: int = 20
     pt2: bool = True
+    leaf_modules: tuple[str, ...] = ()
     progress: bool = False
 
 
@@ -106,14 +107,14 @@ def fold_checkpoint(req: FoldRequest) -> FoldResult:
     def batches(x: Tensor) -> list[Tensor]:
         return list(iter_batches(x, req.batch_size))
 
-    report = measure_entropy(model, batches(calib.x), progress=req.progress)
+    report = measure_entropy(model, batches(calib.x), progress=req.progress, leaf_modules=req.leaf_modules)
     example = calib.x[:2]
-    folded = fold_graph(model, report, example, req.options)
+    folded = fold_graph(model, report, example, req.options, req.leaf_modules)
     exact = not (req.options.allow_inexact or req.options.approximate)
 
     eq_calib = verify_equivalence(model, folded.model, batches(calib.x), tol=EXACT_TOL)
     eq_held = verify_equivalence(model, folded.model, batches(held.x), tol=EXACT_TOL)
-    flips = state_flips(report, measure_entropy(model, batches(held.x)))
+    flips = state_flips(report, measure_entropy(model, batches(held.x), leaf_modules=req.leaf_modules))
     if exact and not eq_calib.passed:
         raise FoldError(f"folded model differs from the original on the calibration data where the "
                         f"recorded states hold: max rel error {eq_calib.max_rel:.3g} > {EXACT_TOL:g}")

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from nepenthe_compress.archs import build_model
 from nepenthe_compress.checkpoint import apply_linearised
-from nepenthe_compress.sites import Site, find_sites
+from nepenthe_compress.sites import Site
 
 WEIGHTED: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear)
 # modules / functions whose output neurons are their input's neurons (looked through by the walk)

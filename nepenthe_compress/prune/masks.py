@@ -24,7 +24,7 @@ def weight_name(layer: str) -> str:
 def full_masks(model: nn.Module, layers: Iterable[str]) -> Masks:
     """All-True masks for the weights of ``layers`` (module names)."""
     params = dict(model.named_parameters())
-    return {weight_name(l): torch.ones_like(params[weight_name(l)], dtype=torch.bool) for l in layers}
+    return {weight_name(layer): torch.ones_like(params[weight_name(layer)], dtype=torch.bool) for layer in layers}
 
 
 @torch.no_grad()

@@ -13,9 +13,8 @@ import torch.fx as fx
 from torch import Tensor
 
 from nepenthe_compress.entropy import EntropyReport
-from nepenthe_compress.prune.budget import (global_magnitude_counts, nepenthe_budget, prune_amount,
-                                            target_cap)
-from nepenthe_compress.prune.masks import surviving, weight_name
+from nepenthe_compress.prune.budget import global_magnitude_counts, nepenthe_budget, prune_amount, target_cap
+from nepenthe_compress.prune.masks import sparsity, surviving, weight_name
 
 
 @dataclass
@@ -30,14 +29,14 @@ class PruneState:
 
     @property
     def considered(self) -> list[str]:
-        return [weight_name(l) for l in self.layer_sites]
+        return [weight_name(layer) for layer in self.layer_sites]
 
     def nonzero(self, name: str) -> int:
         return int(self.masks[name].sum())
 
     def sparsity(self) -> float:
-        total = sum(self.masks[n].numel() for n in self.considered)
-        return 1.0 - sum(self.nonzero(n) for n in self.considered) / total
+        """Fraction of the considered layers' weights that are pruned."""
+        return sparsity({n: self.masks[n] for n in self.considered})
 
 
 @dataclass(frozen=True)
@@ -78,14 +77,14 @@ def nepenthe_step(state: PruneState, opts: MethodOptions) -> Step | None:
     """Linearise zero-entropy sites; spread ``zeta`` of the rest's weights by the EGP budget."""
     zero = [s.name for s in state.report.sites if s.zero_entropy]
     live = {s.name: s.entropy for s in state.report.sites if not s.zero_entropy}
-    layers = [l for l, sites in state.layer_sites.items()
-              if any(s in live for s in sites) and state.nonzero(weight_name(l)) > 0]
-    names = [weight_name(l) for l in layers]
+    layers = [layer for layer, sites in state.layer_sites.items()
+              if any(s in live for s in sites) and state.nonzero(weight_name(layer)) > 0]
+    names = [weight_name(layer) for layer in layers]
     remaining = [state.nonzero(n) for n in names]
     total = prune_amount(opts.zeta, sum(remaining), _cap(state, opts))
     if total == 0 and not zero:
         return None
-    entropies = [float(np.mean([live[s] for s in state.layer_sites[l] if s in live])) for l in layers]
+    entropies = [float(np.mean([live[s] for s in state.layer_sites[layer] if s in live])) for layer in layers]
     mean_abs = [float(surviving(state.gm, state.masks, n).mean()) for n in names]
     counts = nepenthe_budget(total, entropies, mean_abs, remaining)
     done = ([f"linearised {len(zero)} zero-entropy site(s)"] if zero else []) + \

@@ -232,9 +232,9 @@ class _Runner:
         gm = materialise(self.arch, self.arch_kwargs, sd, linearised)
         self._check_fit(gm)
         layer_sites = considered_layers(original, sites)
-        all_masks = full_masks(gm, layer_sites) | {k: m.clone() for k, m in masks.items()}
-        for name, m in masks.items():
-            all_masks[name] = all_masks[name] & m
+        all_masks = full_masks(gm, layer_sites)
+        for name, m in masks.items():   # masks of other layers are kept (and respected) as well
+            all_masks[name] = all_masks[name] & m if name in all_masks else m.clone()
         return PruneState(gm, all_masks, linearised, layer_sites)
 
     def _check_fit(self, gm: torch.nn.Module) -> None:

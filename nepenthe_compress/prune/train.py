@@ -7,7 +7,6 @@ and all-reduce integer counts, so any number of processes gives exactly one proc
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -26,7 +25,6 @@ from nepenthe_compress.entropy import EntropyReport, measure_entropy
 from nepenthe_compress.errors import UserError
 from nepenthe_compress.prune.dist import DistContext
 from nepenthe_compress.prune.masks import apply_masks, attach_masks
-from nepenthe_compress.sites import find_sites
 
 
 class TrainingError(UserError):
@@ -98,6 +96,8 @@ def train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, cfg: TrainConfig,
                 order = torch.tensor(list(sampler), dtype=torch.int64)
                 loss_sum.zero_()
                 for idx in order.split(per_rank):
+                    if len(idx) == 1 < per_rank:   # a lone trailing sample: BatchNorm cannot train on it
+                        continue
                     xb, yb = x[idx].to(ctx.device), y[idx].to(ctx.device)
                     loss = F.cross_entropy(net(xb), yb)
                     opt.zero_grad(set_to_none=True)
@@ -131,15 +131,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, ctx: DistC
 
 
 def measure(gm: fx.GraphModule, x: Tensor, batch_size: int, ctx: DistContext) -> EntropyReport:
-    """Neuron-state counts of ``gm``'s sites over ``x``, summed over ranks, named as in ``gm``.
-
-    ``measure_entropy`` re-traces its input, which renumbers reused-module sites once some were
-    linearised; its sites come in graph order, so they are renamed by position.
-    """
+    """Neuron-state counts of ``gm``'s sites over ``x`` (this rank's shard), summed over ranks."""
     gm.to(ctx.device).eval()
-    report = measure_entropy(gm, iter_batches(x[ctx.shard(len(x))], batch_size), reduce=ctx.all_reduce_sum)
-    sites = find_sites(gm)
-    if [s.kind for s in report.sites] != [s.kind.name for s in sites]:
-        raise RuntimeError("entropy sites do not line up with the model's sites")
-    report.sites = [dataclasses.replace(r, name=s.name, target=s.target) for r, s in zip(report.sites, sites)]
-    return report
+    return measure_entropy(gm, iter_batches(x[ctx.shard(len(x))], batch_size), reduce=ctx.all_reduce_sum)
