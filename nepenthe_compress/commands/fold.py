@@ -73,8 +73,9 @@ def render(r, console=console) -> None:
     t = Table(title=f"fold {r.checkpoint}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("sites linearised", f"{r.sites['linearised']}/{r.sites['total']} "
-              f"({r.sites['zero_entropy']} zero-entropy)")
+    pre = len(r.sites["linear_in_checkpoint"])
+    t.add_row("sites linearised", f"{r.sites['linearised']}/{r.sites['total']}"
+              + (f" ({pre} already linear in the checkpoint)" if pre else ""))
     t.add_row("merges", str(sum(e["action"] == "merge" for e in r.events)))
     t.add_row("channels dropped", str(r.channels_dropped))
     t.add_row("depth (weighted layers)", f"{r.depth['before']} -> {r.depth['after']}")
@@ -96,7 +97,7 @@ def render(r, console=console) -> None:
     console.print(t)
     skipped = [e for e in r.events if e["action"] == "skip"]
     for e in r.events:
-        if e["action"] in ("merge", "drop", "linearise"):
+        if e["action"] in ("linearise", "constant", "merge", "drop"):
             console.print(f"  [green]{e['action']:9}[/] {e['where']}: {e['detail']}", soft_wrap=True)
     for e in skipped:
         console.print(f"  [yellow]skip     [/] {e['where']}: {e['detail']}", soft_wrap=True)

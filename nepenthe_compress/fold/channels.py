@@ -12,7 +12,15 @@ from torch import Tensor
 
 from nepenthe_compress.entropy import SiteStats
 from nepenthe_compress.fold import algebra as A
-from nepenthe_compress.fold.graph import ADD_FUNCTIONS, FoldGraph, is_affine, is_conv2d, is_linear, is_weighted, only_input
+from nepenthe_compress.fold.graph import (
+    ADD_FUNCTIONS,
+    FoldGraph,
+    is_affine,
+    is_conv2d,
+    is_linear,
+    is_weighted,
+    only_input,
+)
 from nepenthe_compress.fold.modules import ChannelAffine, conv_module, conv_spec, linear_module, linear_spec
 from nepenthe_compress.sites import classify_node
 
@@ -133,9 +141,7 @@ def _drop_from(fg: FoldGraph, producer: fx.Node, stats: dict[str, SiteStats]) ->
     if not drop:
         return 0
     if len(drop) == len(consts):
-        drop = drop[1:]  # keep one channel so every tensor stays non-empty
-        if not drop:
-            return 0
+        return 0  # the whole output is constant: constant propagation's job (fold/constants.py)
     consumers = list(end.users)
     ok = consumers and all(
         is_weighted(fg, u) and only_input(u) is end and is_conv2d(fg, u) == is_conv2d(fg, producer)

@@ -1,7 +1,7 @@
 """The fold pass: from measured neuron states to a folded (shallower) GraphModule.
 
     linearise zero-entropy sites -> fold BN / affine maps into neighbours, merge residual branches
-    -> drop constant channels -> merge linear chains (cost model) -> repeat until nothing changes
+    -> propagate constants (layers pruned to zero) -> drop constant channels -> merge linear chains (cost model) -> repeat until nothing changes
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from nepenthe_compress.entropy import EntropyReport
 from nepenthe_compress.fold.chains import merge_chains
 from nepenthe_compress.fold.channels import drop_constant_channels
+from nepenthe_compress.fold.constants import propagate_constants
 from nepenthe_compress.fold.graph import FoldEvent, FoldGraph, FoldOptions
 from nepenthe_compress.fold.rules import apply_rules, linearise_sites
 from nepenthe_compress.sites import find_sites
@@ -53,6 +54,8 @@ def fold_graph(model: nn.Module, report: EntropyReport, example: Tensor,
         for _ in range(3):  # later rounds catch folds enabled by earlier drops and merges
             events = len(fg.log)
             apply_rules(fg)
+            if propagate_constants(fg):
+                apply_rules(fg)
             n = drop_constant_channels(fg, stats) if options.drop_channels else 0
             if n:
                 dropped += n

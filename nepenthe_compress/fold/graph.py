@@ -24,7 +24,7 @@ class FoldOptions:
 
 @dataclass
 class FoldEvent:
-    action: str   # linearise | fold | merge | skip | drop
+    action: str   # linearise | fold | constant | merge | drop | skip
     where: str
     detail: str
 

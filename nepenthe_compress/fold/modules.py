@@ -83,3 +83,14 @@ def linear_module(spec: LinearSpec, like: nn.Linear) -> nn.Linear:
         m.weight.copy_(spec.weight)
         m.bias.copy_(spec.bias)
     return m
+
+
+class AddConstant(nn.Module):
+    """y = x + value, with a constant ``value`` shaped like one sample (broadcast over the batch)."""
+
+    def __init__(self, value: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("value", value.detach().clone().float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.value

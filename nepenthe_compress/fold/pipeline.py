@@ -103,6 +103,7 @@ def fold_checkpoint(req: FoldRequest) -> FoldResult:
     outdir = Path(req.outdir) if req.outdir else ck.path.parent
     stem = stem_of(ck.path)
     model = ck.model.eval()
+    pre_linear = list(ck.meta.get("linearised_sites", []))  # replaced by identity when pruned (EASIER)
 
     def batches(x: Tensor) -> list[Tensor]:
         return list(iter_batches(x, req.batch_size))
@@ -139,8 +140,10 @@ def fold_checkpoint(req: FoldRequest) -> FoldResult:
             checkpoint=str(ck.path), arch=ck.arch, options=asdict(req.options),
             calibration={"source": data.spec, "samples": len(calib), "heldout": len(held),
                          "input_shape": list(calib.x.shape[1:])},
-            sites={"total": folded.sites_total, "linearised": len(folded.linearised),
-                   "linearised_names": folded.linearised,
+            sites={"total": folded.sites_total + len(pre_linear),
+                   "linearised": len(folded.linearised) + len(pre_linear),
+                   "linearised_by_fold": folded.linearised,
+                   "linear_in_checkpoint": pre_linear,
                    "zero_entropy": len(report.zero_entropy_sites)},
             events=[e.to_dict() for e in folded.events],
             channels_dropped=folded.channels_dropped,

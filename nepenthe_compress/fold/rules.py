@@ -12,10 +12,18 @@ from torch import nn
 
 from nepenthe_compress.entropy import SiteStats
 from nepenthe_compress.fold import algebra as A
-from nepenthe_compress.fold.graph import (ADD_FUNCTIONS, FoldGraph, channel_axis, is_affine, is_conv2d,
-                                          is_linear, is_weighted, only_input)
-from nepenthe_compress.fold.modules import (ChannelAffine, conv_module, conv_spec, linear_module,
-                                            linear_spec)
+from nepenthe_compress.fold.cost import layer_cost
+from nepenthe_compress.fold.graph import (
+    ADD_FUNCTIONS,
+    FoldGraph,
+    channel_axis,
+    is_affine,
+    is_conv2d,
+    is_linear,
+    is_weighted,
+    only_input,
+)
+from nepenthe_compress.fold.modules import ChannelAffine, conv_module, conv_spec, linear_module, linear_spec
 from nepenthe_compress.sites import Site
 
 Rule = Callable[[FoldGraph, fx.Node], bool]
@@ -179,7 +187,7 @@ def layernorm_affine_into_linears(fg: FoldGraph, node: fx.Node) -> bool:
 
 # ---- residual / parallel branches ---------------------------------------------------------------
 
-def _branch(fg: FoldGraph, node: fx.Node, add: fx.Node) -> tuple[fx.Node, str]:
+def _branch(fg: FoldGraph, node: fx.Node) -> tuple[fx.Node, str]:
     """(input, kind) of one add operand: a single-use conv/linear reads its input; else identity."""
     src = only_input(node)
     if src is not None and is_weighted(fg, node) and len(node.users) == 1:
@@ -193,7 +201,7 @@ def parallel_add(fg: FoldGraph, node: fx.Node) -> bool:
         return False
     if len(node.args) != 2 or node.kwargs or not all(isinstance(a, fx.Node) for a in node.args):
         return False
-    (xa, ka), (xb, kb) = (_branch(fg, a, node) for a in node.args)
+    (xa, ka), (xb, kb) = (_branch(fg, a) for a in node.args)
     if xa is not xb or (ka, kb) == ("identity", "identity"):
         return False
     layers = [a for a, k in zip(node.args, (ka, kb)) if k == "layer"]
@@ -214,7 +222,6 @@ def parallel_add(fg: FoldGraph, node: fx.Node) -> bool:
     except A.NotExact as e:
         fg.record("skip", fg.label(node), f"residual merge: {e}")
         return False
-    from nepenthe_compress.fold.cost import layer_cost
     if fg.options.merge == "auto" and layer_cost(merged, fg.shape(xa)) > sum(
             layer_cost(s, fg.shape(xa)) for s, k in zip(specs, (ka, kb)) if k == "layer"):
         fg.record("skip", fg.label(node), "residual merge: cost model predicts no gain")

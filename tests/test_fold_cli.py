@@ -1,0 +1,224 @@
+"""`nepenthe-compress fold` end to end (click CliRunner) on a small saved checkpoint.
+
+The checkpoint is cifar_resnet18 (1 input channel, width 0.125: 8..64 channels) on 16x16 inputs,
+with neuron states engineered on its calibration npz (helpers from test_fold_zoo): the inner ReLUs
+of layer1.0 and layer3.1 are always ON (2 of the 17 sites) and 2 channels after layer2.0.conv1 are
+dead. Its BasicBlocks are 3x3 pad 1 -> 3x3 pad 1 (border-inexact), so by default nothing merges.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from nepenthe_compress.archs import build_model
+from nepenthe_compress.checkpoint import save_checkpoint
+from nepenthe_compress.cli import main
+from nepenthe_compress.data import Dataset, split
+from nepenthe_compress.entropy import measure_entropy
+from nepenthe_compress.onnx_depth import onnx_depth
+from nepenthe_compress.verify import VerifyResult, compare_runners, onnx_runner, torch_runner
+from test_fold_zoo import DEAD, ON, calibrate, engineer, quiet_residuals
+
+ARCH, KWARGS = "cifar_resnet18", {"num_classes": 10, "in_channels": 1, "width": 0.125}
+SITES = ["layer1_0_relu", "layer3_1_relu"]       # engineered always-ON sites
+TOTAL_SITES = 17                                 # stem ReLU + 8 BasicBlocks x 2 ReLU calls
+DEAD_CHANNELS = 2
+DEPTH = 18                                       # stem conv + 16 convs + fc
+STEM = "net"
+OUTPUTS = [f"{STEM}.folded.onnx", f"{STEM}.folded.pt2", f"{STEM}.onnx", f"{STEM}.report.json"]
+
+
+@dataclass
+class Saved:
+    folder: Path
+    ckpt: Path
+    calib: Path
+    model: torch.nn.Module
+    x: torch.Tensor
+
+
+def _engineered(x: torch.Tensor) -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = build_model(ARCH, **KWARGS).eval()
+    quiet_residuals([b.bn2 for b in (*m.layer1, *m.layer2, *m.layer3, *m.layer4)])
+    calibrate(m, x)
+    engineer(m, x, {m.layer1[0].bn1: (ON, None), m.layer3[1].bn1: (ON, None),
+                    m.layer2[0].bn1: (DEAD, [0, 3])})
+    return m
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Saved:
+    folder = tmp_path_factory.mktemp("fold_cli")
+    x = torch.randn(40, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    model = _engineered(x)
+    calib = folder / "calib.npz"
+    np.savez(calib, x=x.numpy())
+    ckpt = folder / f"{STEM}.pt"
+    save_checkpoint(ckpt, model, ARCH, KWARGS, meta={"calib": str(calib), "input_shape": [1, 16, 16]})
+    return Saved(folder, ckpt, calib, model, x)
+
+
+def fold(*args: str) -> Result:
+    return CliRunner().invoke(main, ["fold", *args])
+
+
+def copy_to(saved: Saved, folder: Path) -> Path:
+    """The checkpoint alone in a fresh folder (its meta still names the calibration file)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / saved.ckpt.name
+    target.write_bytes(saved.ckpt.read_bytes())
+    return target
+
+
+def assert_one_line_error(res: Result) -> None:
+    assert res.exit_code != 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert "Traceback" not in res.output
+
+
+def test_engineering_holds_on_the_calibration_split(saved: Saved) -> None:
+    """Precondition (the pipeline measures on the calibration part of an 80/20 split)."""
+    calib, _ = split(Dataset(saved.x, None, "x"), 0.2)
+    report = measure_entropy(saved.model, [calib.x])
+    assert len(report.sites) == TOTAL_SITES
+    assert sorted(s.name for s in report.sites if s.zero_entropy) == SITES
+    assert sum(s.always()["OFF"] for s in report.sites if not s.zero_entropy) == DEAD_CHANNELS
+
+
+@pytest.fixture(scope="module")
+def default_run(saved: Saved, tmp_path_factory) -> tuple[Result, Path, dict]:
+    ckpt = copy_to(saved, tmp_path_factory.mktemp("default"))
+    res = fold(str(ckpt), "--no-bench")
+    report = json.loads((ckpt.parent / f"{STEM}.report.json").read_text()) if res.exit_code == 0 else {}
+    return res, ckpt.parent, report
+
+
+def test_default_run_writes_the_outputs_next_to_the_checkpoint(default_run) -> None:
+    res, folder, _ = default_run
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*OUTPUTS, f"{STEM}.pt"])
+
+
+def test_report_counts_the_engineered_sites_and_channels(default_run) -> None:
+    _, _, report = default_run
+    assert report["sites"]["total"] == TOTAL_SITES
+    assert report["sites"]["linearised"] == report["sites"]["zero_entropy"] == len(SITES)
+    assert sorted(report["sites"]["linearised_by_fold"]) == SITES
+    assert report["channels_dropped"] == DEAD_CHANNELS
+    assert not [e for e in report["events"] if e["action"] == "merge"]
+
+
+def test_report_depth_is_the_depth_of_the_written_files(default_run) -> None:
+    _, folder, report = default_run
+    assert report["depth"] == {"before": onnx_depth(folder / f"{STEM}.onnx"),
+                               "after": onnx_depth(folder / f"{STEM}.folded.onnx")}
+    assert report["depth"] == {"before": DEPTH, "after": DEPTH}
+
+
+def test_report_equivalence_is_below_tolerance_and_true(saved: Saved, default_run) -> None:
+    _, folder, report = default_run
+    eq = report["equivalence"]
+    assert eq["exact_claimed"] is True
+    assert eq["calibration"]["max_rel"] <= 1e-5 and eq["heldout"]["max_rel"] <= 1e-5
+    assert all(o["max_rel"] <= 1e-5 for o in eq["onnx_vs_torch"])
+    # independently: the written ONNX file against the original model on all 40 samples
+    with torch.no_grad():
+        check = compare_runners(torch_runner(saved.model), onnx_runner(folder / f"{STEM}.folded.onnx"),
+                                [saved.x[:1], saved.x])
+    assert check.max_rel <= 1e-5
+
+
+def test_outdir_inexact_merge_and_bench(saved: Saved, tmp_path: Path) -> None:
+    ckpt = copy_to(saved, tmp_path / "ckpt")
+    out = tmp_path / "out"
+    res = fold(str(ckpt), "-o", str(out), "--merge", "all", "--allow-inexact", "--bench", "--repeats", "2")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
+    assert [p.name for p in ckpt.parent.iterdir()] == [ckpt.name]
+    report = json.loads((out / f"{STEM}.report.json").read_text())
+    # the two ON sites make layer1.0 and layer3.1 conv1 -> conv2 mergeable (inexactly): depth -2
+    assert report["depth"]["after"] == onnx_depth(out / f"{STEM}.folded.onnx") == DEPTH - 2
+    assert report["equivalence"]["exact_claimed"] is False
+    assert report["equivalence"]["calibration"]["max_rel"] > 1e-5
+    rows = report["latency"]["rows"]
+    assert sorted((r["model"], r["batch"]) for r in rows) == [("folded", 1), ("folded", 32),
+                                                             ("original", 1), ("original", 32)]
+    assert report["latency"]["repeats"] == 2 and all(r["median_s"] > 0 for r in rows)
+
+
+# ---- failures: non-zero exit, one line, no output files --------------------------------------------
+
+def test_failed_equivalence_exits_non_zero_and_writes_nothing(saved: Saved, tmp_path: Path, monkeypatch) -> None:
+    from nepenthe_compress.fold import pipeline
+
+    real = pipeline.fold_graph
+
+    def corrupted(*args, **kwargs):
+        folded = real(*args, **kwargs)
+        conv = next(m for m in folded.model.modules() if isinstance(m, torch.nn.Conv2d))
+        with torch.no_grad():
+            conv.weight.add_(0.05)
+        return folded
+
+    monkeypatch.setattr(pipeline, "fold_graph", corrupted)
+    ckpt = copy_to(saved, tmp_path)
+    res = fold(str(ckpt), "--no-bench")
+    assert_one_line_error(res)
+    assert "differs" in res.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]
+
+
+def test_failed_onnx_check_after_staging_leaves_no_files(saved: Saved, tmp_path: Path, monkeypatch) -> None:
+    from nepenthe_compress.fold import pipeline
+
+    def mismatch(model, path, batches, tol=1e-5):
+        return VerifyResult(1.0, 1.0, None, 1, False, tol)
+
+    monkeypatch.setattr(pipeline, "onnx_matches_torch", mismatch)
+    ckpt = copy_to(saved, tmp_path)
+    res = fold(str(ckpt), "--no-bench")
+    assert_one_line_error(res)
+    assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]
+
+
+def test_missing_checkpoint(tmp_path: Path) -> None:
+    res = fold(str(tmp_path / "nope.pt"), "--no-bench")
+    assert_one_line_error(res)
+    assert "nope.pt" in res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_calibration(saved: Saved, tmp_path: Path) -> None:
+    ckpt = copy_to(saved, tmp_path)
+    res = fold(str(ckpt), "--calib", str(tmp_path / "absent.npz"), "--no-bench")
+    assert_one_line_error(res)
+    assert "absent.npz" in res.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]
+
+
+def test_checkpoint_without_a_calibration_source(saved: Saved, tmp_path: Path) -> None:
+    ckpt = tmp_path / "bare.pt"
+    save_checkpoint(ckpt, copy.deepcopy(saved.model), ARCH, KWARGS, meta={"input_shape": [1, 16, 16]})
+    res = fold(str(ckpt), "--no-bench")
+    assert_one_line_error(res)
+    assert "--calib" in res.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["bare.pt"]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "no_such_arch"])
+def test_wrong_arch(saved: Saved, tmp_path: Path, arch: str) -> None:
+    ckpt = tmp_path / "plain.pt"
+    torch.save(saved.model.state_dict(), ckpt)
+    res = fold(str(ckpt), "--arch", arch, "--calib", str(saved.calib), "--no-bench")
+    assert_one_line_error(res)
+    assert [p.name for p in tmp_path.iterdir()] == ["plain.pt"]
+
