@@ -409,3 +409,13 @@ def split(ds: Dataset, holdout: float, seed: int = 0) -> tuple[Dataset, Dataset]
         return Dataset(ds.x[idx], None if ds.y is None else ds.y[idx], ds.spec)
 
     return part(calib), part(hold)
+
+
+def load_checkpoint_data(meta: Mapping, src: str | None, *, where: str, limit: int | None = None) -> Dataset:
+    """Data for a checkpoint: ``src`` or the checkpoint's own ``meta["calib"]``, with its
+    normalisation and input shape. ``where`` names the checkpoint in the error when neither exists."""
+    spec = src or meta.get("calib")
+    if not spec:
+        raise DataError(f"checkpoint '{where}' names no calibration data: pass --calib SRC "
+                        "(a .npz/.pt file with x, an image folder, cifar10:ROOT, mnist or digits)")
+    return load_data(spec, normalize=meta.get("normalize"), input_shape=meta.get("input_shape"), limit=limit)

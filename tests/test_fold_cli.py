@@ -222,3 +222,34 @@ def test_wrong_arch(saved: Saved, tmp_path: Path, arch: str) -> None:
     assert_one_line_error(res)
     assert [p.name for p in tmp_path.iterdir()] == ["plain.pt"]
 
+
+
+def test_checkpoint_with_sites_already_linearised(saved: Saved, tmp_path: Path) -> None:
+    """An EASIER checkpoint names a (mixed!) site it replaced by identity: the fold must count it as
+    linear, and the written model must compute the network with that first layer2.1 ReLU call
+    removed (checked with a hook on the original module, independently of the loader)."""
+    ckpt = tmp_path / f"{STEM}.pt"
+    save_checkpoint(ckpt, copy.deepcopy(saved.model), ARCH, KWARGS,
+                    meta={"calib": str(saved.calib), "input_shape": [1, 16, 16],
+                          "linearised_sites": ["layer2_1_relu"]})
+    res = fold(str(ckpt), "--no-bench", "--no-pt2")
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / f"{STEM}.report.json").read_text())
+    assert report["sites"]["total"] == TOTAL_SITES
+    assert report["sites"]["linear_in_checkpoint"] == ["layer2_1_relu"]
+    assert report["sites"]["linearised"] == len(SITES) + 1
+
+    reference = copy.deepcopy(saved.model)
+    calls = []
+
+    def first_call_is_identity(module, args, out):
+        calls.append(1)
+        return args[0] if len(calls) % 2 == 1 else out  # relu is called twice per forward
+
+    relu = reference.layer2[1].relu
+    relu.inplace = False  # the hook must see the pre-activation
+    relu.register_forward_hook(first_call_is_identity)
+    with torch.no_grad():
+        check = compare_runners(torch_runner(reference), onnx_runner(tmp_path / f"{STEM}.folded.onnx"),
+                                [saved.x])
+    assert check.max_rel <= 1e-5

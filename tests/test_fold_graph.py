@@ -270,12 +270,7 @@ class Slopes(nn.Module):
         return self.c3(self.prelu(self.c2(self.leaky(self.c1(x)))))
 
 
-FLOAT32_AFFINE = pytest.mark.xfail(strict=True, reason=(
-    "bug: ChannelAffine stores scale/shift as float32 (fold/modules.py): a float64 model's slopes "
-    "(0.2, PReLU weights) are rounded to float32 (error ~4e-8)"))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(D, marks=FLOAT32_AFFINE)])
+@pytest.mark.parametrize("dtype", [torch.float32, D])
 def test_always_off_leaky_and_prelu_sites_become_their_slopes(dtype: torch.dtype) -> None:
     m, x = Slopes().to(dtype), image(dtype=dtype)
     with torch.no_grad():
@@ -497,15 +492,10 @@ class TwoBlocks(nn.Module):
         return self.d2(F.relu(self.d1(y))) + y
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: (1) FoldGraph.insert_module gives the merged residual conv its INPUT's shape meta "
-    "(new.meta = dict(arg.meta)): after a stride-2 merge parallel_add sees mismatched shapes and "
-    "silently refuses the next residual merge; (2) the branch layers a residual merge replaces stay "
-    "in the graph as dead users until finish(), so find_chains sees 2 users and never chains the "
-    "two merged convs. Got 2 convs (+ an add), expected 1"))
 def test_linear_blocks_after_a_strided_residual_merge_fold_to_one_conv() -> None:
     """Everything is linear: (d2 d1 + I)(c3 c2 c1 + ds)(x) is one 3x3 stride-2 conv (the identity
-    block is 1x1 -> 1x1 + identity: an unpadded 1x1 after the 3x3, exact)."""
+    block is 1x1 -> 1x1 + identity: an unpadded 1x1 after the 3x3, exact). Regression: the merged
+    stride-2 conv once carried its input's shape and the replaced branch stayed as a dead user."""
     m, x = TwoBlocks().double(), image(8, 16)
     set_states(m, x, {m.c1: "on", m.c2: "on", m.d1: "on"})
     report = measure(m, x)
@@ -534,6 +524,31 @@ def test_merges_enabled_by_a_residual_merge_are_made_without_channel_drops() -> 
     f = fold(m, x, merge="all")
     assert f.channels_dropped == 0
     assert len(weighted(f)) == 1
+    assert_exact(m, f, x)
+
+
+class PrunedBranch(nn.Module):
+    """y = x + c2(relu(c1(x))) whose branch conv c1 was pruned away entirely (all weights 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.relu(x + self.c2(F.relu(self.c1(x)))))
+
+
+def test_a_pruned_residual_branch_becomes_a_constant() -> None:
+    """c1 outputs its bias whatever x is, so the whole branch is a constant (a border-shaped one:
+    c2 zero-pads a constant map); both convs leave the graph, the output stays exact."""
+    m, x = PrunedBranch().double(), image(8)
+    with torch.no_grad():
+        m.c1.weight.zero_()
+    report = measure(m, x)
+    assert zero_entropy(report) == {"relu"}  # the constant c1 output: each channel always ON or OFF
+    f = fold(m, x, report)
+    assert [type(w) for w in weighted(f)] == [nn.Conv2d]  # only the head is left
     assert_exact(m, f, x)
 
 
@@ -582,12 +597,10 @@ def test_dead_token_neurons_are_dropped_from_both_linears() -> None:
 
 # ---- precision of constants ------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: fold/channels.py _through pushes known channel constants through the next op as a "
-    "float32 tensor, so a float64 model's constant channel is folded with float32 rounding"))
 def test_constant_channel_of_a_float64_model_is_folded_exactly() -> None:
     """Channel 0 of c1 has zero weights and bias 0.1234567891234: a constant 0.1234567891234 after
-    the (ON for it, mixed elsewhere) ReLU, folded into c2's bias."""
+    the (ON for it, mixed elsewhere) ReLU, folded into c2's bias (regression: constants were once
+    pushed through in float32)."""
     m, x = MixedOnOff().double(), image()
     set_states(m, x, {m.c1: "mixed"})
     with torch.no_grad():

@@ -19,9 +19,8 @@ from nepenthe_compress.commands.common import (
     trust_option,
     user_errors,
 )
-from nepenthe_compress.data import iter_batches, load_data
+from nepenthe_compress.data import iter_batches, load_checkpoint_data
 from nepenthe_compress.entropy import EntropyReport, measure_entropy
-from nepenthe_compress.errors import DataError
 from nepenthe_compress.plot import plot_entropy, plot_format, site_labels
 
 
@@ -72,12 +71,7 @@ def entropy(ckpt: str, arch: str | None, arch_kw: tuple[str, ...], calib: str | 
     if plot_path is not None:
         plot_format(plot_path)  # fail before the work, not after it
     loaded = load_checkpoint(ckpt, arch=arch, arch_kwargs=parse_kv(arch_kw), trust_pickle=trust_pickle)
-    spec = calib or loaded.meta.get("calib")
-    if not spec:
-        raise DataError(f"checkpoint '{ckpt}' names no calibration data: pass --calib SRC "
-                        "(a .npz/.pt file with x, an image folder, cifar10:ROOT, mnist or digits)")
-    data = load_data(spec, normalize=loaded.meta.get("normalize"), input_shape=loaded.meta.get("input_shape"),
-                     limit=limit)
+    data = load_checkpoint_data(loaded.meta, calib, where=ckpt, limit=limit)
     report = measure_entropy(loaded.model, list(iter_batches(data.x, batch_size)), progress=True,
                              leaf_modules=leaf)
     out = out_console(json_path)
@@ -85,6 +79,8 @@ def entropy(ckpt: str, arch: str | None, arch_kw: tuple[str, ...], calib: str | 
     if not out.is_terminal:  # a file or pipe gets the table's natural width, not 80 columns
         out = Console(file=out.file, width=out.measure(table, options=out.options.update_width(500)).maximum)
     out.print(table)
+    if linear := loaded.meta.get("linearised_sites"):
+        out.print(f"already linear in the checkpoint (replaced by identity when pruned): {', '.join(linear)}")
     emit_json(report.to_dict(), json_path)
     if plot_path is not None:
         out.print(f"plot written to {plot_entropy(report, plot_path)}")

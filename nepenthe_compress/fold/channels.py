@@ -78,7 +78,7 @@ def _through(fg: FoldGraph, op: fx.Node, consts: list[float | None],
     if is_depthwise(fg, op):
         return _through_depthwise(fg.module(op), consts)
     n = len(consts)
-    known = torch.tensor([c if c is not None else 0.0 for c in consts], dtype=torch.float32)
+    known = torch.tensor([c if c is not None else 0.0 for c in consts], dtype=fg.dtype)
     out = [None] * n
     pushed = _run(fg, op, known.view(1, n)).flatten().tolist()
     for i, c in enumerate(consts):

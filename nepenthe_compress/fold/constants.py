@@ -20,7 +20,7 @@ def _is_seed(fg: FoldGraph, node: fx.Node) -> bool:
 def _evaluate(fg: FoldGraph, node: fx.Node, values: dict[fx.Node, Tensor]) -> Tensor:
     """Run ``node`` on batch-1 constants (a seed runs on zeros: it ignores its input)."""
     if _is_seed(fg, node):
-        zeros = torch.zeros((1, *fg.shape(node.args[0])[1:]))
+        zeros = torch.zeros((1, *fg.shape(node.args[0])[1:]), dtype=fg.dtype)
         return fg.module(node)(zeros)
     args = fx.node.map_arg(node.args, lambda n: values[n])
     kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n])
@@ -77,6 +77,4 @@ def propagate_constants(fg: FoldGraph) -> bool:
             fg.record("constant", fg.label(node), f"layer computes a constant: its branch of "
                       f"{fg.label(user)} becomes a {'per-channel shift' if shift else 'constant add'}")
             changed = True
-    if changed:
-        fg.gm.graph.eliminate_dead_code()
     return changed

@@ -45,6 +45,11 @@ class FoldGraph:
     def module(self, node: fx.Node) -> nn.Module | None:
         return self.gm.get_submodule(node.target) if node.op == "call_module" else None
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's floating-point dtype (new constants and buffers are stored in it)."""
+        return next((p.dtype for p in self.gm.parameters() if p.is_floating_point()), torch.float32)
+
     def shape(self, node: fx.Node) -> torch.Size:
         shape = shape_of(node)
         if shape is None:
@@ -70,19 +75,22 @@ class FoldGraph:
         node.target = name
 
     def insert_module(self, before: fx.Node, module: nn.Module, arg: fx.Node, label: str) -> fx.Node:
-        """New call_module node running ``module`` on ``arg``, placed before ``before``."""
+        """New call_module node running ``module`` on ``arg``, placed before (and meant to replace)
+        ``before``, whose output shape it takes."""
         self._counter += 1
         name = f"nc_folded_{self._counter}"
         self.gm.add_submodule(name, module)
         with self.gm.graph.inserting_before(before):
             new = self.gm.graph.call_module(name, (arg,))
-        new.meta = dict(arg.meta)
+        new.meta = dict(before.meta)
         new.meta["nc_label"] = label
         return new
 
     def bypass(self, node: fx.Node, replacement: fx.Node) -> None:
+        """Replace ``node`` by ``replacement`` and erase whatever is left without users."""
         node.replace_all_uses_with(replacement)
         self.gm.graph.erase_node(node)
+        self.gm.graph.eliminate_dead_code()
 
     def finish(self) -> fx.GraphModule:
         self.gm.graph.eliminate_dead_code()

@@ -8,13 +8,14 @@ from nepenthe_compress.fold.algebra import ConvSpec, LinearSpec
 
 
 class ChannelAffine(nn.Module):
-    """y = x * scale + shift, per channel along ``axis`` (a linearised site or an eval BatchNorm)."""
+    """y = x * scale + shift, per channel along ``axis`` (a linearised site or an eval BatchNorm).
+    ``scale`` and ``shift`` keep the dtype they are given (the model's)."""
 
     def __init__(self, scale: Tensor, shift: Tensor, axis: int) -> None:
         super().__init__()
         self.axis = axis
-        self.register_buffer("scale", scale.detach().clone().float())
-        self.register_buffer("shift", shift.detach().clone().float())
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", shift.detach().clone())
 
     def _view(self, t: Tensor, x: Tensor) -> Tensor:
         axis = self.axis % x.dim()
@@ -34,7 +35,7 @@ class MapConv2d(nn.Conv2d):
 
     def __init__(self, *args, bias_map: Tensor, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.register_buffer("bias_map", bias_map.detach().clone().float())
+        self.register_buffer("bias_map", bias_map.detach().to(self.weight.dtype).clone())
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x) + self.bias_map
@@ -65,8 +66,6 @@ def conv_module(spec: ConvSpec, like: nn.Conv2d) -> nn.Conv2d:
     with torch.no_grad():
         m.weight.copy_(spec.weight)
         m.bias.copy_(spec.bias)
-        if spec.bias_map is not None:
-            m.bias_map = spec.bias_map.to(like.weight.dtype)
     return m
 
 
@@ -90,7 +89,7 @@ class AddConstant(nn.Module):
 
     def __init__(self, value: Tensor) -> None:
         super().__init__()
-        self.register_buffer("value", value.detach().clone().float())
+        self.register_buffer("value", value.detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.value

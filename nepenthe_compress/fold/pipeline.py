@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from nepenthe_compress.checkpoint import LoadedCheckpoint, load_checkpoint
-from nepenthe_compress.data import Dataset, iter_batches, load_data, split
+from nepenthe_compress.checkpoint import load_checkpoint
+from nepenthe_compress.data import iter_batches, load_checkpoint_data, split
 from nepenthe_compress.entropy import EntropyReport, measure_entropy
-from nepenthe_compress.errors import FoldError, UserError
+from nepenthe_compress.errors import FoldError
 from nepenthe_compress.export import export_onnx, export_pt2
 from nepenthe_compress.fold.core import fold_graph
 from nepenthe_compress.fold.graph import FoldOptions
@@ -73,14 +73,6 @@ def stem_of(path: str | os.PathLike) -> str:
     return Path(name).stem
 
 
-def load_calibration(ck: LoadedCheckpoint, calib: str | None, limit: int | None) -> Dataset:
-    spec = calib or ck.meta.get("calib")
-    if not spec:
-        raise UserError(f"no calibration data: pass --calib (checkpoint '{ck.path.name}' names none)")
-    return load_data(spec, normalize=ck.meta.get("normalize"), input_shape=ck.meta.get("input_shape"),
-                     limit=limit)
-
-
 def state_flips(calib: EntropyReport, held: EntropyReport) -> dict:
     """Neurons that were constant on the calibration part (the fold relies on them) but took
     another state, or several, on the held-out part."""
@@ -98,7 +90,7 @@ def state_flips(calib: EntropyReport, held: EntropyReport) -> dict:
 def fold_checkpoint(req: FoldRequest) -> FoldResult:
     ck = load_checkpoint(req.checkpoint, arch=req.arch, arch_kwargs=req.arch_kwargs or None,
                          trust_pickle=req.trust_pickle)
-    data = load_calibration(ck, req.calib, req.limit)
+    data = load_checkpoint_data(ck.meta, req.calib, where=str(ck.path), limit=req.limit)
     calib, held = split(data, req.holdout)
     outdir = Path(req.outdir) if req.outdir else ck.path.parent
     stem = stem_of(ck.path)

@@ -61,7 +61,8 @@ def linearise_sites(fg: FoldGraph, sites: list[Site], stats: dict[str, SiteStats
             fg.bypass(node, site.input)
             detail = "always ON: identity"
         else:
-            new = fg.insert_module(node, ChannelAffine(scale, shift, site.neuron_axis), site.input,
+            affine = ChannelAffine(scale.to(fg.dtype), shift.to(fg.dtype), site.neuron_axis)
+            new = fg.insert_module(node, affine, site.input,
                                    f"{site.target} (linear)")
             fg.bypass(node, new)
             detail = f"per-channel affine ({', '.join(f'{k} {v}' for k, v in st.always().items() if v)})"
@@ -82,7 +83,7 @@ def batchnorm_to_affine(fg: FoldGraph, node: fx.Node) -> bool:
     a, c = A.batchnorm_affine(m.running_mean.double(), m.running_var.double(),
                               None if m.weight is None else m.weight.detach().double(),
                               None if m.bias is None else m.bias.detach().double(), m.eps)
-    fg.set_module(node, ChannelAffine(a, c, axis=1))
+    fg.set_module(node, ChannelAffine(a.to(fg.dtype), c.to(fg.dtype), axis=1))
     return True
 
 
