@@ -18,7 +18,7 @@ exported, and every ONNX file is timed with ``nepenthe_compress.bench.compare_la
 batch 1 and 32, all models of one architecture interleaved in every repeat, medians. The table
 shows milliseconds and the ratio original / folded (> 1: the folded model is faster).
 
-    python benchmarks/fold_latency.py [--repeats 30] [--threads 2] [--models resnet18,mobilenet_v2,mlp]
+    python benchmarks/fold_latency.py [--repeats 60] [--threads 2] [--models resnet18,mobilenet_v2,mlp]
 """
 from __future__ import annotations
 
@@ -132,7 +132,8 @@ def mobilenet_v2() -> Bench:
 class MLPBlock(nn.Module):
     def __init__(self, dim: int = 96, hidden: int = 384) -> None:
         super().__init__()
-        self.norm, self.fc1, self.act, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim)
+        self.norm, self.act = nn.LayerNorm(dim), nn.ReLU()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.fc2(self.act(self.fc1(self.norm(x))))
@@ -167,26 +168,30 @@ def summary(name: str, b: Bench, folds: dict[str, FoldedGraph], paths: dict[str,
 
 
 def table_rows(name: str, table: LatencyTable) -> list[str]:
+    """One line per batch size: median ms (interquartile range) and original / folded."""
     rows = []
     for batch in sorted({r.batch for r in table.rows}):
-        cells = [f"{name:13} {batch:5d} {table.median('original', batch) * 1e3:11.3f}"]
-        for mode in MODES:
-            t = table.median(mode, batch)
-            cells.append(f"{t * 1e3:9.3f} ({table.median('original', batch) / t:4.2f}x)")
+        row = {r.model: r for r in table.rows if r.batch == batch}
+
+        def ms(model: str) -> str:
+            return f"{row[model].median_s * 1e3:9.3f} ({row[model].iqr_s * 1e3:6.3f})"
+
+        cells = [f"{name:13} {batch:5d}", ms("original")]
+        cells += [f"{ms(m)} {row[m].speedup:4.2f}x" for m in MODES]
         rows.append("  ".join(cells))
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default=",".join(MODELS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    header = (f"{'model':13} {'batch':>5} {'original ms':>11}  " +
-              "  ".join(f"{mode + ' ms (ratio)':>18}" for mode in MODES))
+    header = (f"{'model':13} {'batch':>5}  {'original ms (iqr)':>18}  " +
+              "  ".join(f"{mode + ' ms (iqr) ratio':>24}" for mode in MODES))
     rows, notes, slower = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
@@ -200,10 +205,11 @@ def main() -> None:
             table = compare_latency(paths, tuple(b.x.shape[1:]), batches=(1, 32), threads=args.threads,
                                     repeats=args.repeats)
             rows += table_rows(name, table)
-            slower += [f"  {name} batch {r.batch}: auto is {1 / r.speedup:.2f}x the original's latency "
-                       f"(iqr {r.iqr_s * 1e3:.3f} ms)" for r in table.rows if r.model == "auto" and r.speedup < 1]
-    print(f"onnxruntime CPU, {args.threads} threads, {args.repeats} interleaved repeats (medians); "
-          f"ratio = original / folded")
+            slower += [f"  {name} batch {r.batch}: auto takes {1 / r.speedup:.2f}x the original's time "
+                       f"(iqr {r.iqr_s * 1e3:.3f} ms)"
+                       for r in table.rows if r.model == "auto" and r.speedup < 1]
+    print(f"onnxruntime CPU, {args.threads} threads, {args.repeats} interleaved repeats: median ms "
+          f"(interquartile range); ratio = original / folded median")
     print(header)
     print("\n".join(rows))
     print("folds:")

@@ -5,7 +5,7 @@ on the training split) and top-1 on the held-out 20 %; then EASIER's curve (one 
 top-1 falls more than --max-drop points below the dense model). All three start from the same dense
 model. Runs resume: re-running continues where an interrupted run stopped.
 
-    python benchmarks/reproduce_table.py            # about 20 epochs of 4,000 digits on 2 CPU cores
+    python benchmarks/reproduce_table.py            # about 6 minutes on 2 CPU cores (OMP_NUM_THREADS=1)
     python benchmarks/reproduce_table.py --quick    # smoke run: 500 digits, a narrower network
     torchrun --nproc_per_node 2 benchmarks/reproduce_table.py   # the same on 2 processes / GPUs
 """
@@ -23,9 +23,9 @@ from nepenthe_compress.prune import PruneConfig, PruneResult, RoundResult, run_p
 
 SPARSITIES = (0.5, 0.75, 0.9375)
 # mode -> settings: samples used, network width, dense epochs, retraining epochs per round, most
-# EASIER rounds (about 20 epochs of 4,000 digits in the full mode)
+# EASIER rounds
 MODES = {
-    "full": dict(limit=None, width=0.125, epochs=3, finetune=1, easier_rounds=8),
+    "full": dict(limit=None, width=0.125, epochs=10, finetune=3, easier_rounds=10),
     "quick": dict(limit=500, width=0.0625, epochs=2, finetune=1, easier_rounds=2),
 }
 

@@ -157,7 +157,8 @@ def test_outdir_inexact_merge_and_bench(saved: Saved, tmp_path: Path) -> None:
 
 # ---- failures: non-zero exit, one line, no output files --------------------------------------------
 
-def test_failed_equivalence_exits_non_zero_and_writes_nothing(saved: Saved, tmp_path: Path, monkeypatch) -> None:
+def test_failed_equivalence_exits_non_zero_and_writes_nothing(saved: Saved, tmp_path: Path,
+                                                              monkeypatch) -> None:
     from nepenthe_compress.fold import pipeline
 
     real = pipeline.fold_graph

@@ -218,7 +218,8 @@ def test_conv_feeding_two_consumers_is_not_merged_and_stays_exact() -> None:
 class NoStats(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.c1, self.bn, self.c2 = nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6, track_running_stats=False), nn.Conv2d(6, 3, 1)
+        self.c1, self.c2 = nn.Conv2d(4, 6, 1), nn.Conv2d(6, 3, 1)
+        self.bn = nn.BatchNorm2d(6, track_running_stats=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.c2(F.relu(self.bn(self.c1(x))))
