@@ -59,13 +59,17 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def ort_session(path: str | os.PathLike, threads: int = 2) -> ort.InferenceSession:
-    """CPU session: ``threads`` intra-op threads, 1 inter-op thread, all graph optimisations."""
+    """CPU session: ``threads`` intra-op threads (no spin-waiting), 1 inter-op thread, all graph
+    optimisations."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    # Idle sessions must not keep spinning their threads: benchmarks interleave several sessions
+    # on the same cores, and a spinning neighbour would be timed as part of the next model.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own pybind types (NoSuchFile, InvalidProtobuf, Fail, ...)
@@ -183,3 +187,13 @@ def verify_float64(reference: nn.Module, candidate: nn.Module, batches: Iterable
     """:func:`verify_equivalence` on float64 deep copies of both models and batches (exactness tests)."""
     ref64, cand64 = copy.deepcopy(reference).double(), copy.deepcopy(candidate).double()
     return verify_equivalence(ref64, cand64, (x.double() for x in batches), tol)
+
+
+def float32_noise(model: nn.Module, batches: Iterable[Tensor]) -> float:
+    """The model's own float32 rounding error: max rel difference of its float32 outputs from a
+    float64 copy's. A fold cannot be checked more tightly than this."""
+    ref64 = copy.deepcopy(model).double()
+    run64 = torch_runner(ref64)
+    with eval_mode(model), eval_mode(ref64):
+        return compare_runners(lambda x: run64(x.double()), torch_runner(model), batches).max_rel
+

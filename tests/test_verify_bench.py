@@ -279,3 +279,17 @@ def test_verify_command_calibration_file_and_missing_data(tmp_path):
     assert json.loads(out.read_text())["samples"] == 12
     res = CliRunner().invoke(verify_cmd, [str(ref), str(same)])
     assert res.exit_code == 1 and "--calib" in res.output
+
+
+def test_float32_noise_equals_an_independent_float64_comparison() -> None:
+    from nepenthe_compress.verify import float32_noise
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10))
+    x = torch.randn(16, 64)
+    w1, b1, w2, b2 = (p.detach().double() for p in model.parameters())
+    ref = torch.tanh(x.double() @ w1.T + b1) @ w2.T + b2
+    with torch.no_grad():
+        expected = float((model(x).double() - ref).abs().max() / ref.abs().max())
+    assert expected > 0  # float32 really rounds here
+    assert float32_noise(model, [x]) == pytest.approx(expected, rel=1e-9)

@@ -82,8 +82,8 @@ def render(r, console=console) -> None:
     t.add_row("parameters", f"{r.params['before']:,} -> {r.params['after']:,}")
     t.add_row("MACs / sample", f"{r.macs['before']:,} -> {r.macs['after']:,}")
     c, h = eq["calibration"], eq["heldout"]
-    t.add_row("calibration", f"max rel err {c['max_rel']:.2e}, top-1 agreement {_pct(c['top1_agreement'])} "
-              f"({c['samples']} samples)")
+    t.add_row("calibration", f"max rel err {c['max_rel']:.2e} (tolerance {eq['tolerance']:.0e}), "
+              f"top-1 agreement {_pct(c['top1_agreement'])} ({c['samples']} samples)")
     t.add_row("held-out", f"max rel err {h['max_rel']:.2e}, top-1 agreement {_pct(h['top1_agreement'])}, "
               f"state flips {eq['heldout_state_flips']['fraction']:.2%}")
     t.add_row("onnxruntime vs torch", ", ".join(f"batch {o['batch']}: {o['max_rel']:.2e}" for o in eq["onnx_vs_torch"]))
