@@ -259,6 +259,20 @@ def test_conv_transpose_then_batchnorm_is_folded() -> None:
     assert_exact(m, f, x)
 
 
+def test_conv_transpose_next_to_a_conv_is_refused_with_a_reason() -> None:
+    """ConvTranspose -> 1x1 conv with the ReLU always ON: the chain is not merged, and the report
+    says why instead of skipping it silently."""
+    m, x = Transposed(), image(dtype=torch.float32)
+    randomise_bn(m.bn)
+    with torch.no_grad():
+        m.bn.bias += 100.0  # ReLU always ON: up -> bn -> c is a linear chain
+    f = fold(m, x, merge="all")
+    assert zero_entropy(measure(m, x)) == {"relu"}
+    assert "up: ConvTranspose merges are not supported (its BatchNorm is still folded)" in events(f, "skip")
+    assert called(f, nn.ConvTranspose2d) == 1 and called(f, nn.Conv2d) == 1
+    assert_exact(m, f, x)
+
+
 # ---- activation kinds -----------------------------------------------------------------------------
 
 class Slopes(nn.Module):

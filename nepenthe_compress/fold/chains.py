@@ -8,6 +8,7 @@ in to border-inexact merges.
 from __future__ import annotations
 
 import torch.fx as fx
+from torch import nn
 
 from nepenthe_compress.fold import algebra as A
 from nepenthe_compress.fold.cost import COST_MODELS
@@ -62,10 +63,29 @@ def _compose(fg: FoldGraph, nodes: list[fx.Node]):
     return spec, None, inexact
 
 
+def _unsupported(fg: FoldGraph, node: fx.Node) -> str | None:
+    """Why a conv-like node next to a weighted layer cannot be merged (None if it can, or is no conv)."""
+    m = fg.module(node)
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        return "ConvTranspose merges are not supported (its BatchNorm is still folded)"
+    if isinstance(m, nn.modules.conv._ConvNd) and not is_conv2d(fg, node):
+        return f"merges of {type(m).__name__} with padding_mode={m.padding_mode!r} are not supported"
+    return None
+
+
+def _report_unsupported(fg: FoldGraph) -> None:
+    for node in fg.gm.graph.nodes:
+        reason = _unsupported(fg, node)
+        neighbours = [*node.users, *node.all_input_nodes]
+        if reason and any(is_weighted(fg, n) or _unsupported(fg, n) for n in neighbours):
+            fg.record("skip", fg.label(node), reason)
+
+
 def merge_chains(fg: FoldGraph) -> None:
     """Plan and apply the merges of every chain (no-op for ``--merge none``)."""
     if fg.options.merge == "none":
         return
+    _report_unsupported(fg)
     cost = COST_MODELS[fg.options.merge]
     for chain in find_chains(fg):
         for segment in _plan(fg, chain, cost):
