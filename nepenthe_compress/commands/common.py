@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from nepenthe_compress.errors import UserError
+from nepenthe_compress.io import atomic_write_text, json_default
 
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
@@ -83,24 +84,8 @@ def emit_json(obj: Any, path: str | None) -> None:
     """Write ``obj`` as JSON to ``path`` atomically, or to stdout for '-'."""
     if path is None:
         return
-    text = json.dumps(obj, indent=2, default=_json_default)
+    text = json.dumps(obj, indent=2, default=json_default)
     if path == "-":
         click.echo(text)
     else:
-        from nepenthe_compress.io import atomic_write_text
         atomic_write_text(path, text + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    import numpy as np
-    import torch
-
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")

@@ -5,9 +5,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 from torch import Tensor
 
 from nepenthe_compress.checkpoint import load_checkpoint
@@ -18,7 +16,7 @@ from nepenthe_compress.export import export_onnx, export_pt2
 from nepenthe_compress.fold.core import fold_graph
 from nepenthe_compress.fold.graph import FoldOptions
 from nepenthe_compress.fold.metrics import count_macs
-from nepenthe_compress.io import OutputSet
+from nepenthe_compress.io import OutputSet, json_default
 from nepenthe_compress.onnx_depth import onnx_depth, onnx_param_count
 from nepenthe_compress.verify import float32_noise, onnx_matches_torch, verify_equivalence
 
@@ -153,7 +151,7 @@ def fold_checkpoint(req: FoldRequest) -> FoldResult:
             outputs={k: str(p) for k, p in paths.items()},
             entropy=report.to_dict())
         staged_report = staged["report"]
-        staged_report.write_text(json.dumps(result.to_dict(), indent=2, default=_json) + "\n")
+        staged_report.write_text(json.dumps(result.to_dict(), indent=2, default=json_default) + "\n")
     return result
 
 
@@ -163,13 +161,3 @@ def _latency(staged: dict[str, Path], x: Tensor, req: FoldRequest) -> dict:
     table = compare_latency({"original": staged["original_onnx"], "folded": staged["onnx"]},
                             tuple(x.shape[1:]), batches=(1, 32), threads=2, repeats=req.bench_repeats)
     return table.to_dict()
-
-
-def _json(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, (np.ndarray, Tensor)):
-        return o.tolist()
-    raise TypeError(type(o))
