@@ -634,3 +634,27 @@ def test_site_names_match_find_sites_on_the_traced_model() -> None:
     set_states(m, x, {m.c1: "on", m.c2: "on"})
     f = fold(m, x, merge="none")
     assert sorted(f.linearised) == sorted(s.name for s in find_sites(trace_model(m)))
+
+
+class SmoothOff(nn.Module):
+    """conv -> SiLU -> conv where channel 0's pre-activation sits around -2: always 'OFF' by sign,
+    yet SiLU(-2) = -0.24, so the channel is neither dead nor constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.act, self.b = nn.Conv2d(4, 6, 1), nn.SiLU(), nn.Conv2d(6, 3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(self.act(self.a(x)))
+
+
+def test_always_negative_smooth_rectifier_channels_are_not_dropped() -> None:
+    m, x = SmoothOff().to(D), image()
+    with torch.no_grad():
+        m.a.weight[0] *= 0.01
+        m.a.bias[0] = -2.0
+    report = measure(m, x)
+    assert report.sites[0].always()["OFF"] == 1 and not report.sites[0].zero_entropy
+    f = fold(m, x)
+    assert f.channels_dropped == 0
+    assert_exact(m, f, x)

@@ -74,7 +74,8 @@ def _constants(fg: FoldGraph, producer: fx.Node, chain: list[fx.Node],
 def _through(fg: FoldGraph, op: fx.Node, consts: list[float | None],
              stats: dict[str, SiteStats]) -> list[float | None]:
     """Constants after one per-channel op: known constants are pushed through the op itself; a
-    neuron recorded as always in a state whose map has slope 0 becomes that state's constant."""
+    neuron recorded as always in a state whose (exact) map has slope 0 becomes that state's
+    constant. Smooth rectifiers (GELU, SiLU, ...) are never constant on a state."""
     if is_depthwise(fg, op):
         return _through_depthwise(fg.module(op), consts)
     n = len(consts)
@@ -91,7 +92,7 @@ def _through(fg: FoldGraph, op: fx.Node, consts: list[float | None],
         return out
     st = stats.get(op.name)
     found = classify_node(fg.gm, op)
-    if st is not None and found is not None and st.neurons == n:
+    if st is not None and found is not None and found[0].exact and st.neurons == n:
         kind, params = found
         states = st.neuron_state
         for s in np.unique(states[states >= 0]):
