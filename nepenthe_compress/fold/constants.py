@@ -4,7 +4,6 @@ constant added to a live tensor (a pruned residual branch, y = x + F(x) with F c
 per-channel shift of that tensor (foldable like any affine map) or a constant add. Exact."""
 from __future__ import annotations
 
-
 import torch
 import torch.fx as fx
 from torch import Tensor

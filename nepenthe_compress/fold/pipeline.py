@@ -6,14 +6,14 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from nepenthe_compress.checkpoint import load_checkpoint
 from nepenthe_compress.data import iter_batches, load_checkpoint_data, split
 from nepenthe_compress.entropy import EntropyReport, measure_entropy
 from nepenthe_compress.errors import FoldError
 from nepenthe_compress.export import export_onnx, export_pt2
-from nepenthe_compress.fold.core import fold_graph
+from nepenthe_compress.fold.core import FoldedGraph, fold_graph
 from nepenthe_compress.fold.graph import FoldOptions
 from nepenthe_compress.fold.metrics import count_macs
 from nepenthe_compress.io import OutputSet, json_default
@@ -87,48 +87,31 @@ def state_flips(calib: EntropyReport, held: EntropyReport) -> dict:
 
 
 def fold_checkpoint(req: FoldRequest) -> FoldResult:
+    """Load, measure, fold, verify (failure: FoldError, nothing written), export and report."""
     ck = load_checkpoint(req.checkpoint, arch=req.arch, arch_kwargs=req.arch_kwargs or None,
                          trust_pickle=req.trust_pickle)
     data = load_checkpoint_data(ck.meta, req.calib, where=str(ck.path), limit=req.limit)
     calib, held = split(data, req.holdout)
-    outdir = Path(req.outdir) if req.outdir else ck.path.parent
-    stem = stem_of(ck.path)
     model = ck.model.eval()
     pre_linear = list(ck.meta.get("linearised_sites", []))  # replaced by identity when pruned (EASIER)
-
-    def batches(x: Tensor) -> list[Tensor]:
-        return list(iter_batches(x, req.batch_size))
-
-    report = measure_entropy(model, batches(calib.x), progress=req.progress, leaf_modules=req.leaf_modules)
+    report = measure_entropy(model, _batches(calib.x, req), progress=req.progress, leaf_modules=req.leaf_modules)
     example = calib.x[:2]
     folded = fold_graph(model, report, example, req.options, req.leaf_modules)
-    exact = not (req.options.allow_inexact or req.options.approximate)
+    equivalence = _equivalence(model, folded, report, calib.x, held.x, req)
 
-    noise = float32_noise(model, [example])
-    tol = max(EXACT_TOL, NOISE_FACTOR * noise)
-    eq_calib = verify_equivalence(model, folded.model, batches(calib.x), tol=tol)
-    eq_held = verify_equivalence(model, folded.model, batches(held.x), tol=tol)
-    flips = state_flips(report, measure_entropy(model, batches(held.x), leaf_modules=req.leaf_modules))
-    if exact and not eq_calib.passed:
-        raise FoldError(f"folded model differs from the original on the calibration data where the "
-                        f"recorded states hold: max rel error {eq_calib.max_rel:.3g} > {tol:.3g}")
-
+    outdir = Path(req.outdir) if req.outdir else ck.path.parent
+    stem = stem_of(ck.path)
+    paths = {"onnx": outdir / f"{stem}.folded.onnx", "original_onnx": outdir / f"{stem}.onnx",
+             "report": outdir / f"{stem}.report.json"}
+    if req.pt2:
+        paths["pt2"] = outdir / f"{stem}.folded.pt2"
     with OutputSet() as out:
-        paths = {"onnx": outdir / f"{stem}.folded.onnx", "original_onnx": outdir / f"{stem}.onnx",
-                 "report": outdir / f"{stem}.report.json"}
-        if req.pt2:
-            paths["pt2"] = outdir / f"{stem}.folded.pt2"
         staged = {k: out.stage(p) for k, p in paths.items()}
         export_onnx(folded.model, example, staged["onnx"])
         export_onnx(model, example, staged["original_onnx"])
         if req.pt2:
             export_pt2(folded.model, example, staged["pt2"])
-        onnx_checks = [onnx_matches_torch(folded.model, staged["onnx"], [calib.x[:n]], tol=tol)
-                       for n in sorted({1, min(len(calib), 7)})]
-        if not all(r.passed for r in onnx_checks):
-            worst = max(r.max_rel for r in onnx_checks)
-            raise FoldError(f"onnxruntime output of the folded model differs from torch: max rel error {worst:.3g}")
-        latency = _latency(staged, calib.x, req) if req.bench else None
+        equivalence["onnx_vs_torch"] = _onnx_checks(folded, staged["onnx"], calib.x, equivalence["tolerance"])
         result = FoldResult(
             checkpoint=str(ck.path), arch=ck.arch, options=asdict(req.options),
             calibration={"source": data.spec, "samples": len(calib), "heldout": len(held),
@@ -143,16 +126,44 @@ def fold_checkpoint(req: FoldRequest) -> FoldResult:
             depth={"before": onnx_depth(staged["original_onnx"]), "after": onnx_depth(staged["onnx"])},
             params={"before": onnx_param_count(staged["original_onnx"]), "after": onnx_param_count(staged["onnx"])},
             macs={"before": count_macs(model, example), "after": count_macs(folded.model, example)},
-            equivalence={"exact_claimed": exact, "tolerance": tol, "original_float32_noise": noise,
-                         "calibration": eq_calib.to_dict(), "heldout": eq_held.to_dict(),
-                         "heldout_state_flips": flips,
-                         "onnx_vs_torch": [dict(r.to_dict(), batch=r.samples) for r in onnx_checks]},
-            latency=latency,
+            equivalence=equivalence,
+            latency=_latency(staged, calib.x, req) if req.bench else None,
             outputs={k: str(p) for k, p in paths.items()},
             entropy=report.to_dict())
-        staged_report = staged["report"]
-        staged_report.write_text(json.dumps(result.to_dict(), indent=2, default=json_default) + "\n")
+        staged["report"].write_text(json.dumps(result.to_dict(), indent=2, default=json_default) + "\n")
     return result
+
+
+def _batches(x: Tensor, req: FoldRequest) -> list[Tensor]:
+    return list(iter_batches(x, req.batch_size))
+
+
+def _equivalence(model: nn.Module, folded: FoldedGraph, report: EntropyReport, calib: Tensor, held: Tensor,
+                 req: FoldRequest) -> dict:
+    """Original vs folded on the calibration and held-out parts; raises FoldError when an exact fold
+    differs where the recorded states hold. The tolerance is EXACT_TOL or NOISE_FACTOR x the
+    original's own float32 rounding error, whichever is larger."""
+    noise = float32_noise(model, [calib[:2]])
+    tol = max(EXACT_TOL, NOISE_FACTOR * noise)
+    exact = not (req.options.allow_inexact or req.options.approximate)
+    on_calib = verify_equivalence(model, folded.model, _batches(calib, req), tol=tol)
+    if exact and not on_calib.passed:
+        raise FoldError(f"folded model differs from the original on the calibration data where the "
+                        f"recorded states hold: max rel error {on_calib.max_rel:.3g} > {tol:.3g}")
+    on_held = verify_equivalence(model, folded.model, _batches(held, req), tol=tol)
+    held_report = measure_entropy(model, _batches(held, req), leaf_modules=req.leaf_modules)
+    return {"exact_claimed": exact, "tolerance": tol, "original_float32_noise": noise,
+            "calibration": on_calib.to_dict(), "heldout": on_held.to_dict(),
+            "heldout_state_flips": state_flips(report, held_report)}
+
+
+def _onnx_checks(folded: FoldedGraph, onnx_path: Path, x: Tensor, tol: float) -> list[dict]:
+    """onnxruntime vs the folded torch model at batch 1 and 7; FoldError when they differ."""
+    checks = [onnx_matches_torch(folded.model, onnx_path, [x[:n]], tol=tol) for n in sorted({1, min(len(x), 7)})]
+    if not all(r.passed for r in checks):
+        worst = max(r.max_rel for r in checks)
+        raise FoldError(f"onnxruntime output of the folded model differs from torch: max rel error {worst:.3g}")
+    return [dict(r.to_dict(), batch=r.samples) for r in checks]
 
 
 def _latency(staged: dict[str, Path], x: Tensor, req: FoldRequest) -> dict:
