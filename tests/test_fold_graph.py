@@ -658,3 +658,41 @@ def test_always_negative_smooth_rectifier_channels_are_not_dropped() -> None:
     f = fold(m, x)
     assert f.channels_dropped == 0
     assert_exact(m, f, x)
+
+
+class PoolHead(nn.Module):
+    """conv -> ReLU -> max-pool -> conv -> ReLU -> adaptive avg-pool (2x2) -> flatten -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(6, 5, 3, padding=1)
+        self.pool, self.head = nn.AdaptiveAvgPool2d(2), nn.Linear(5 * 4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.max_pool2d(F.relu(self.a(x)), 2, padding=1)
+        return self.head(torch.flatten(self.pool(F.relu(self.b(y))), 1))
+
+
+def test_dead_and_constant_channels_are_dropped_through_pooling_and_flatten() -> None:
+    """a: channel 1 always OFF (dead), channel 2 a constant 0.7 (zero weights); b: channel 0 always
+    OFF, channel 3 a constant 1.3. The pools keep the constants; after flatten each channel is 4
+    features of the Linear. All four channels go, the constants end up in b's and head's biases."""
+    m, x = PoolHead().to(D), image()
+    with torch.no_grad():
+        m.a.weight[1] *= 0.01
+        m.a.bias[1] = -50.0
+        m.a.weight[2] = 0.0
+        m.a.bias[2] = 0.7
+        m.b.weight[0] *= 0.01
+        m.b.bias[0] = -50.0
+        m.b.weight[3] = 0.0
+        m.b.bias[3] = 1.3
+    f = fold(m, x)
+    assert f.channels_dropped == 4
+    gm = f.model
+    convs = [gm.get_submodule(n.target) for n in gm.graph.nodes
+             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Conv2d)]
+    heads = [gm.get_submodule(n.target) for n in gm.graph.nodes
+             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear)]
+    assert [c.out_channels for c in convs] == [4, 3] and heads[0].in_features == 3 * 4
+    assert_exact(m, f, x)

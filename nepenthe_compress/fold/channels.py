@@ -1,14 +1,16 @@
 """Dead and constant channels (DESIGN 4.2): a channel that is constant on the recorded states
 (always-OFF ReLU neurons, zero weight rows, linearised saturated neurons) is dropped from its
-producer and from every consumer, its constant folded into the consumers' bias (a border map for
-padded convs). Channels whose consumers are not all conv/linear layers, e.g. channels coupled
-through a residual add, are kept and the skip is reported."""
+producer, through per-channel ops (rectifiers, affine maps, depthwise convs, pooling, flatten), and
+from every consumer, its constant folded into the consumers' bias (a border map for padded convs).
+Channels whose consumers are not all conv/linear layers, e.g. channels coupled through a residual
+add, are kept and the skip is reported."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.fx as fx
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from nepenthe_compress.entropy import SiteStats
 from nepenthe_compress.fold import algebra as A
@@ -40,14 +42,42 @@ def is_depthwise(fg: FoldGraph, node: fx.Node) -> bool:
     return is_conv2d(fg, node) and m.groups == m.in_channels == m.out_channels
 
 
+_POOLS = (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_POOL_FUNCTIONS = {F.max_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
+
+
+def _arg(node: fx.Node, index: int, name: str, default: object) -> object:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def is_flatten(fg: FoldGraph, node: fx.Node) -> bool:
+    """flatten(x, 1): channel i becomes features [i*HW, (i+1)*HW)."""
+    m = fg.module(node)
+    if isinstance(m, nn.Flatten):
+        return m.start_dim == 1 and m.end_dim == -1
+    if (node.op == "call_function" and node.target is torch.flatten) or (
+            node.op == "call_method" and node.target == "flatten"):
+        return _arg(node, 1, "start_dim", 0) == 1 and _arg(node, 2, "end_dim", -1) == -1
+    return False
+
+
+def keeps_constants(fg: FoldGraph, node: fx.Node) -> bool:
+    """Pooling and flatten map a constant channel to the same constant (max-pool pads with -inf,
+    adaptive and unpadded average pools only average real positions)."""
+    m = fg.module(node)
+    return (isinstance(m, _POOLS) or (isinstance(m, nn.AvgPool2d) and m.padding in (0, (0, 0)))
+            or (node.op == "call_function" and node.target in _POOL_FUNCTIONS) or is_flatten(fg, node))
+
+
 def _pointwise_chain(fg: FoldGraph, producer: fx.Node) -> list[fx.Node]:
-    """Per-channel nodes (rectifiers without per-channel parameters, ChannelAffine, depthwise convs)
-    following ``producer`` through single-use edges."""
+    """Per-channel nodes (rectifiers without per-channel parameters, ChannelAffine, depthwise convs,
+    pooling, and a final flatten) following ``producer`` through single-use edges."""
     chain, t = [], producer
-    while len(t.users) == 1:
+    while len(t.users) == 1 and not (chain and is_flatten(fg, chain[-1])):
         u = next(iter(t.users))
         found = classify_node(fg.gm, u)
-        per_channel = (found is not None and found[0].name != "prelu") or is_affine(fg, u) or is_depthwise(fg, u)
+        per_channel = ((found is not None and found[0].name != "prelu") or is_affine(fg, u)
+                       or is_depthwise(fg, u) or keeps_constants(fg, u))
         if not per_channel or (u.args[0] if u.args else None) is not t:
             break
         chain.append(u)
@@ -78,6 +108,8 @@ def _through(fg: FoldGraph, op: fx.Node, consts: list[float | None],
     constant. Smooth rectifiers (GELU, SiLU, ...) are never constant on a state."""
     if is_depthwise(fg, op):
         return _through_depthwise(fg.module(op), consts)
+    if keeps_constants(fg, op):
+        return list(consts)
     n = len(consts)
     known = torch.tensor([c if c is not None else 0.0 for c in consts], dtype=fg.dtype)
     out = [None] * n
@@ -144,8 +176,11 @@ def _drop_from(fg: FoldGraph, producer: fx.Node, stats: dict[str, SiteStats]) ->
     if len(drop) == len(consts):
         return 0  # the whole output is constant: constant propagation's job (fold/constants.py)
     consumers = list(end.users)
+    flattened = bool(chain) and is_flatten(fg, end)
+    spread = fg.shape(end.args[0])[2:].numel() if flattened else 1  # features per channel
+    conv_out = is_conv2d(fg, producer) and not flattened
     ok = consumers and all(
-        is_weighted(fg, u) and only_input(u) is end and is_conv2d(fg, u) == is_conv2d(fg, producer)
+        is_weighted(fg, u) and only_input(u) is end and is_conv2d(fg, u) == conv_out
         and (not is_conv2d(fg, u) or fg.module(u).groups == 1) for u in consumers)
     if not ok:
         names = ", ".join(fg.label(u) if u.op != "output" else "graph output" for u in consumers)
@@ -168,7 +203,7 @@ def _drop_from(fg: FoldGraph, producer: fx.Node, stats: dict[str, SiteStats]) ->
                               int(keep.sum()), bias_map)
             fg.set_module(op, conv_module(spec, fg.module(op)))
     for u in consumers:
-        _slice_consumer(fg, u, end, keep, values)
+        _slice_consumer(fg, u, end, keep.repeat_interleave(spread), values.repeat_interleave(spread))
     nonzero = int((values != 0).sum())
     fg.record("drop", fg.label(producer), f"{len(drop)} constant channel(s) removed "
               f"({len(drop) - nonzero} zero, {nonzero} folded into the consumers' bias)")
