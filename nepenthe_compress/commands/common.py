@@ -56,6 +56,16 @@ calib_option = click.option(
 trust_option = click.option(
     "--trust-pickle", is_flag=True, default=False,
     help="Allow loading a checkpoint that pickles whole modules (executes code from the file!).")
+
+
+def checkpoint_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--arch, --arch-kw, --calib, --trust-pickle: how a verb that reads a checkpoint builds its
+    model and finds its data."""
+    for option in reversed((arch_option, arch_kwargs_option, calib_option, trust_option)):
+        fn = option(fn)
+    return fn
+
+
 limit_option = click.option("--limit", type=int, default=None, help="Use at most this many samples.")
 batch_option = click.option("--batch-size", type=int, default=64, show_default=True)
 leaf_option = click.option(

@@ -7,16 +7,14 @@ from rich.table import Table
 
 from nepenthe_compress.checkpoint import load_checkpoint
 from nepenthe_compress.commands.common import (
-    arch_kwargs_option,
-    arch_option,
     batch_option,
-    calib_option,
+    checkpoint_options,
     emit_json,
     json_option,
+    leaf_option,
     limit_option,
     out_console,
     parse_kv,
-    trust_option,
     user_errors,
 )
 from nepenthe_compress.data import iter_batches, load_checkpoint_data
@@ -48,17 +46,13 @@ def entropy_table(report: EntropyReport) -> Table:
 
 @click.command("entropy")
 @click.argument("ckpt")
-@arch_option
-@arch_kwargs_option
-@calib_option
+@checkpoint_options
 @limit_option
 @batch_option
 @json_option
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write the neuron-state figure here (.png, .svg or .pdf).")
-@trust_option
-@click.option("--leaf", multiple=True, metavar="NAME",
-              help="Module class name or qualified name to keep opaque when tracing (repeatable).")
+@leaf_option
 @user_errors
 def entropy(ckpt: str, arch: str | None, arch_kw: tuple[str, ...], calib: str | None, limit: int | None,
             batch_size: int, json_path: str | None, plot_path: str | None, trust_pickle: bool,

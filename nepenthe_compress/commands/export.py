@@ -11,14 +11,11 @@ from torch import Tensor
 from nepenthe_compress.checkpoint import LoadedCheckpoint, load_checkpoint
 from nepenthe_compress.commands.bench import input_shape_option
 from nepenthe_compress.commands.common import (
-    arch_kwargs_option,
-    arch_option,
-    calib_option,
+    checkpoint_options,
     emit_json,
     json_option,
     out_console,
     parse_kv,
-    trust_option,
     user_errors,
 )
 from nepenthe_compress.data import load_data
@@ -55,10 +52,7 @@ def render_summary(paths: list[Path], summary: OnnxSummary) -> Table:
 
 @click.command("export")
 @click.argument("ckpt", type=click.Path(exists=True, dir_okay=False))
-@arch_option
-@arch_kwargs_option
-@calib_option
-@trust_option
+@checkpoint_options
 @input_shape_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="ONNX file to write [default: CKPT with suffix .onnx].")

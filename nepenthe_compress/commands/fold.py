@@ -5,10 +5,8 @@ import click
 from rich.table import Table
 
 from nepenthe_compress.commands.common import (
-    arch_kwargs_option,
-    arch_option,
     batch_option,
-    calib_option,
+    checkpoint_options,
     console,
     emit_json,
     json_option,
@@ -16,16 +14,13 @@ from nepenthe_compress.commands.common import (
     limit_option,
     out_console,
     parse_kv,
-    trust_option,
     user_errors,
 )
 
 
 @click.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@arch_option
-@arch_kwargs_option
-@calib_option
+@checkpoint_options
 @click.option("-o", "--outdir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: the checkpoint's folder).")
 @click.option("--merge", type=click.Choice(["auto", "all", "none"]), default="auto", show_default=True,
@@ -43,7 +38,6 @@ from nepenthe_compress.commands.common import (
 @click.option("--bench/--no-bench", default=True, show_default=True, help="Measure onnxruntime latency before/after.")
 @click.option("--repeats", type=int, default=20, show_default=True, help="Latency repeats (median).")
 @click.option("--pt2/--no-pt2", default=True, show_default=True, help="Also save the folded torch.export program.")
-@trust_option
 @leaf_option
 @json_option
 @user_errors

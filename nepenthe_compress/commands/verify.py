@@ -14,16 +14,13 @@ from torch import Tensor
 from nepenthe_compress.checkpoint import load_checkpoint
 from nepenthe_compress.commands.bench import input_shape_option
 from nepenthe_compress.commands.common import (
-    arch_kwargs_option,
-    arch_option,
     batch_option,
-    calib_option,
+    checkpoint_options,
     emit_json,
     json_option,
     limit_option,
     out_console,
     parse_kv,
-    trust_option,
     user_errors,
 )
 from nepenthe_compress.data import iter_batches, load_data
@@ -96,10 +93,7 @@ def render_result(reference: str, candidate: str, data: str, result: VerifyResul
 @click.command("verify")
 @click.argument("reference", type=click.Path(exists=True, dir_okay=False))
 @click.argument("candidate", type=click.Path(exists=True, dir_okay=False))
-@arch_option
-@arch_kwargs_option
-@calib_option
-@trust_option
+@checkpoint_options
 @limit_option
 @batch_option
 @input_shape_option
