@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import copy
 import operator
+import traceback
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -49,11 +51,22 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> fx
     except Exception as e:  # fx raises many exception types for untraceable code
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TraceError(
-            f"cannot trace {type(model).__name__} with torch.fx: {type(e).__name__}: {first} "
-            "(mark the module that contains this construct as a leaf with --leaf NAME)") from None
+            f"cannot trace {type(model).__name__} with torch.fx: {type(e).__name__}: {first}"
+            f"{_user_frame(e)} (mark the module that contains this construct as a leaf with --leaf NAME)"
+        ) from None
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     remove_inplace(gm)
     return gm
+
+
+def _user_frame(e: BaseException) -> str:
+    """' at file:line (code)' of the innermost traceback frame outside torch, if any."""
+    torch_dir = Path(torch.__file__).parent
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if torch_dir not in Path(f.filename).parents]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {Path(f.filename).name}:{f.lineno} ({(f.line or '').strip()})"
 
 
 def remove_inplace(gm: fx.GraphModule) -> None:

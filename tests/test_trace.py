@@ -233,6 +233,8 @@ def test_untraceable_model_raises_one_line_trace_error() -> None:
     msg = str(info.value)
     assert isinstance(info.value, UserError)
     assert "\n" not in msg and "--leaf" in msg and "Outer" in msg
+    # names the failing construct: this file's line with the data-dependent branch
+    assert "test_trace.py" in msg and "x.sum() > 0" in msg
 
 
 @pytest.mark.parametrize("leaf", [DataDependent, "DataDependent", "gate"])
