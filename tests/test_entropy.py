@@ -493,3 +493,21 @@ def test_cli_errors_are_one_line(case: str, ckpt, tmp_path) -> None:
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr
     assert "Traceback" not in res.output
     assert not (tmp_path / "e.json").exists() and not (tmp_path / "p.txt").exists()
+
+
+def test_cli_normalize_and_input_shape_override_the_checkpoint(ckpt, tmp_path) -> None:
+    """--normalize is applied per channel before measuring; --input-shape is checked against the data."""
+    path, model, x = ckpt
+    mean, std = (0.5, -0.25, 1.0), (2.0, 0.5, 4.0)
+    arg = ",".join(map(str, mean)) + "/" + ",".join(map(str, std))
+    res = CliRunner().invoke(entropy_cmd, [str(path), "--normalize", arg, "--json", "-"])
+    assert res.exit_code == 0, res.output
+    normalised = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    expected = measure_entropy(model, [normalised]).to_dict()
+    assert json.loads(res.stdout) == json.loads(json.dumps(expected))
+    assert json.loads(res.stdout) != json.loads(json.dumps(measure_entropy(model, [x]).to_dict()))
+
+    wrong = CliRunner().invoke(entropy_cmd, [str(path), "--input-shape", "3,9,9"])
+    assert wrong.exit_code == 1 and "input_shape" in wrong.stderr
+    bad = CliRunner().invoke(entropy_cmd, [str(path), "--normalize", "0.5"])
+    assert bad.exit_code == 2 and "MEAN" in bad.output

@@ -206,6 +206,15 @@ def test_missing_calibration(saved: Saved, tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]
 
 
+def test_input_shape_option_overrides_the_checkpoint(saved: Saved, tmp_path: Path) -> None:
+    """The calibration data (1x16x16) does not fit --input-shape 1,12,12: a one-line data error."""
+    ckpt = copy_to(saved, tmp_path)
+    res = fold(str(ckpt), "--input-shape", "1,12,12", "--no-bench")
+    assert_one_line_error(res)
+    assert "input_shape" in res.stderr and "12" in res.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]
+
+
 def test_checkpoint_without_a_calibration_source(saved: Saved, tmp_path: Path) -> None:
     ckpt = tmp_path / "bare.pt"
     save_checkpoint(ckpt, copy.deepcopy(saved.model), ARCH, KWARGS, meta={"input_shape": [1, 16, 16]})

@@ -7,24 +7,13 @@ import click
 from rich.table import Table
 
 from nepenthe_compress.bench import LatencyTable, compare_latency
-from nepenthe_compress.commands.common import emit_json, json_option, out_console, user_errors
-
-
-def _parse_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        shape = tuple(int(v) for v in value.replace("x", ",").split(","))
-    except ValueError:
-        shape = ()
-    if not shape or min(shape) < 1:
-        raise click.BadParameter(f"expected positive integers like 3,32,32, got {value!r}")
-    return shape
-
-
-input_shape_option = click.option(
-    "--input-shape", callback=_parse_shape, default=None, metavar="C,H,W",
-    help="Per-sample input shape (without the batch), e.g. 3,32,32 or 64 for feature vectors.")
+from nepenthe_compress.commands.common import (
+    emit_json,
+    input_shape_option,
+    json_option,
+    out_console,
+    user_errors,
+)
 
 
 def display_names(paths: tuple[str, ...]) -> dict[str, str]:

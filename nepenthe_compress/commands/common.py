@@ -66,6 +66,49 @@ def checkpoint_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _parse_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in value.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise click.BadParameter(f"expected positive integers like 3,32,32, got {value!r}")
+    return shape
+
+
+input_shape_option = click.option(
+    "--input-shape", callback=_parse_shape, default=None, metavar="C,H,W",
+    help="Per-sample input shape (without the batch), e.g. 3,32,32 or 64 for feature vectors.")
+
+
+def _parse_normalize(ctx: click.Context, param: click.Parameter, value: str | None) -> dict | None:
+    if value is None:
+        return None
+    try:
+        mean, std = (tuple(float(v) for v in part.split(",")) for part in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected MEAN[,MEAN...]/STD[,STD...] like 0.1307/0.3081, got {value!r}") from None
+    return {"mean": list(mean), "std": list(std)}
+
+
+normalize_option = click.option(
+    "--normalize", callback=_parse_normalize, default=None, metavar="MEAN/STD",
+    help="Per-channel normalisation of the data, e.g. 0.485,0.456,0.406/0.229,0.224,0.225 "
+         "(default: the checkpoint's own).")
+
+
+def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--input-shape and --normalize: override what the checkpoint records about its inputs."""
+    return input_shape_option(normalize_option(fn))
+
+
+def data_overrides(input_shape: tuple[int, ...] | None, normalize: dict | None) -> dict[str, Any]:
+    """The checkpoint-meta entries the user overrode (see :func:`data_options`)."""
+    return {k: v for k, v in (("input_shape", input_shape), ("normalize", normalize)) if v is not None}
+
+
 limit_option = click.option("--limit", type=int, default=None, help="Use at most this many samples.")
 batch_option = click.option("--batch-size", type=int, default=64, show_default=True)
 leaf_option = click.option(

@@ -9,6 +9,8 @@ from nepenthe_compress.checkpoint import load_checkpoint
 from nepenthe_compress.commands.common import (
     batch_option,
     checkpoint_options,
+    data_options,
+    data_overrides,
     emit_json,
     json_option,
     leaf_option,
@@ -47,6 +49,7 @@ def entropy_table(report: EntropyReport) -> Table:
 @click.command("entropy")
 @click.argument("ckpt")
 @checkpoint_options
+@data_options
 @limit_option
 @batch_option
 @json_option
@@ -54,7 +57,7 @@ def entropy_table(report: EntropyReport) -> Table:
               help="Write the neuron-state figure here (.png, .svg or .pdf).")
 @leaf_option
 @user_errors
-def entropy(ckpt: str, arch: str | None, arch_kw: tuple[str, ...], calib: str | None, limit: int | None,
+def entropy(ckpt: str, arch: str | None, arch_kw: tuple[str, ...], calib: str | None, input_shape: tuple[int, ...] | None, normalize: dict | None, limit: int | None,
             batch_size: int, json_path: str | None, plot_path: str | None, trust_pickle: bool,
             leaf: tuple[str, ...]) -> None:
     """Measure, per activation site of CKPT, how many neurons never change state on calibration data.
@@ -65,7 +68,8 @@ def entropy(ckpt: str, arch: str | None, arch_kw: tuple[str, ...], calib: str | 
     if plot_path is not None:
         plot_format(plot_path)  # fail before the work, not after it
     loaded = load_checkpoint(ckpt, arch=arch, arch_kwargs=parse_kv(arch_kw), trust_pickle=trust_pickle)
-    data = load_checkpoint_data(loaded.meta, calib, where=ckpt, limit=limit)
+    meta = {**loaded.meta, **data_overrides(input_shape, normalize)}
+    data = load_checkpoint_data(meta, calib, where=ckpt, limit=limit)
     report = measure_entropy(loaded.model, list(iter_batches(data.x, batch_size)), progress=True,
                              leaf_modules=leaf)
     out = out_console(json_path)

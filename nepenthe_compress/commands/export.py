@@ -9,10 +9,10 @@ from rich.table import Table
 from torch import Tensor
 
 from nepenthe_compress.checkpoint import LoadedCheckpoint, load_checkpoint
-from nepenthe_compress.commands.bench import input_shape_option
 from nepenthe_compress.commands.common import (
     checkpoint_options,
     emit_json,
+    input_shape_option,
     json_option,
     out_console,
     parse_kv,

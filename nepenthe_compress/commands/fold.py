@@ -8,6 +8,8 @@ from nepenthe_compress.commands.common import (
     batch_option,
     checkpoint_options,
     console,
+    data_options,
+    data_overrides,
     emit_json,
     json_option,
     leaf_option,
@@ -21,6 +23,7 @@ from nepenthe_compress.commands.common import (
 @click.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @checkpoint_options
+@data_options
 @click.option("-o", "--outdir", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: the checkpoint's folder).")
 @click.option("--merge", type=click.Choice(["auto", "all", "none"]), default="auto", show_default=True,
@@ -41,15 +44,16 @@ from nepenthe_compress.commands.common import (
 @leaf_option
 @json_option
 @user_errors
-def fold(checkpoint, arch, arch_kw, calib, outdir, merge, allow_inexact, approximate, keep_channels, holdout,
-         limit, batch_size, bench, repeats, pt2, trust_pickle, leaf, json_path) -> None:
+def fold(checkpoint, arch, arch_kw, calib, trust_pickle, input_shape, normalize, outdir, merge, allow_inexact, approximate, keep_channels, holdout,
+         limit, batch_size, bench, repeats, pt2, leaf, json_path) -> None:
     """Fold a pruned CHECKPOINT into a shallower ONNX model and prove it equivalent."""
     from nepenthe_compress.fold.graph import FoldOptions
     from nepenthe_compress.fold.pipeline import FoldRequest, fold_checkpoint
 
     req = FoldRequest(checkpoint, arch, parse_kv(arch_kw), calib, outdir,
                       FoldOptions(merge, allow_inexact, approximate, not keep_channels), holdout, limit,
-                      batch_size, trust_pickle, bench, repeats, pt2, leaf, progress=console.is_terminal)
+                      batch_size, trust_pickle, bench, repeats, pt2, leaf,
+                      data_overrides(input_shape, normalize), progress=console.is_terminal)
     with console.status("folding...") if console.is_terminal else _null():
         result = fold_checkpoint(req)
     render(result, out_console(json_path))

@@ -12,11 +12,11 @@ from rich.table import Table
 from torch import Tensor
 
 from nepenthe_compress.checkpoint import load_checkpoint
-from nepenthe_compress.commands.bench import input_shape_option
 from nepenthe_compress.commands.common import (
     batch_option,
     checkpoint_options,
     emit_json,
+    input_shape_option,
     json_option,
     limit_option,
     out_console,

@@ -40,6 +40,7 @@ class FoldRequest:
     bench_repeats: int = 20
     pt2: bool = True
     leaf_modules: tuple[str, ...] = ()
+    data_overrides: dict = field(default_factory=dict)  # input_shape / normalize over the checkpoint's
     progress: bool = False
 
 
@@ -90,7 +91,7 @@ def fold_checkpoint(req: FoldRequest) -> FoldResult:
     """Load, measure, fold, verify (failure: FoldError, nothing written), export and report."""
     ck = load_checkpoint(req.checkpoint, arch=req.arch, arch_kwargs=req.arch_kwargs or None,
                          trust_pickle=req.trust_pickle)
-    data = load_checkpoint_data(ck.meta, req.calib, where=str(ck.path), limit=req.limit)
+    data = load_checkpoint_data({**ck.meta, **req.data_overrides}, req.calib, where=str(ck.path), limit=req.limit)
     calib, held = split(data, req.holdout)
     model = ck.model.eval()
     pre_linear = list(ck.meta.get("linearised_sites", []))  # replaced by identity when pruned (EASIER)
