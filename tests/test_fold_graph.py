@@ -696,3 +696,27 @@ def test_dead_and_constant_channels_are_dropped_through_pooling_and_flatten() ->
              if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear)]
     assert [c.out_channels for c in convs] == [4, 3] and heads[0].in_features == 3 * 4
     assert_exact(m, f, x)
+
+
+class ReflectChain(nn.Module):
+    """conv (reflect padding) -> BN -> ReLU (always ON) -> 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")
+        self.bn, self.b = nn.BatchNorm2d(6), nn.Conv2d(6, 3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(F.relu(self.bn(self.a(x))))
+
+
+def test_non_zero_padding_modes_are_not_merged_and_say_why() -> None:
+    m, x = ReflectChain().to(D), image()
+    randomise_bn(m.bn)
+    with torch.no_grad():
+        m.bn.bias += 100.0
+    assert zero_entropy(measure(m, x)) == {"relu"}
+    f = fold(m, x, merge="all")
+    assert "a: merges of Conv2d with padding_mode='reflect' are not supported" in events(f, "skip")
+    assert events(f, "merge") == [] and called(f, nn.Conv2d) == 2
+    assert_exact(m, f, x)
