@@ -68,7 +68,8 @@ ACTIVATIONS: dict[str, ActivationKind] = {
     k.name: k for k in (RELU, LEAKY, PRELU, CLIP, RELU6, *SMOOTH.values())}
 
 
-def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
+def call_arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    """Argument ``index`` (or keyword ``name``) of a call node, else ``default``."""
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
@@ -94,9 +95,9 @@ FUNCTION_RULES: dict[Any, tuple[ActivationKind, Callable[[fx.Node], dict]]] = {
     torch.relu: (RELU, lambda n: {}),
     "relu": (RELU, lambda n: {}),
     F.relu6: (RELU6, lambda n: {"min": 0.0, "max": 6.0}),
-    F.hardtanh: (CLIP, lambda n: {"min": float(_arg(n, 1, "min_val", -1.0)),
-                                  "max": float(_arg(n, 2, "max_val", 1.0))}),
-    F.leaky_relu: (LEAKY, lambda n: {"negative_slope": float(_arg(n, 1, "negative_slope", 0.01))}),
+    F.hardtanh: (CLIP, lambda n: {"min": float(call_arg(n, 1, "min_val", -1.0)),
+                                  "max": float(call_arg(n, 2, "max_val", 1.0))}),
+    F.leaky_relu: (LEAKY, lambda n: {"negative_slope": float(call_arg(n, 1, "negative_slope", 0.01))}),
     F.gelu: (SMOOTH["gelu"], lambda n: {}),
     F.silu: (SMOOTH["silu"], lambda n: {}),
     F.hardswish: (SMOOTH["hardswish"], lambda n: {}),

@@ -24,7 +24,7 @@ from nepenthe_compress.fold.graph import (
     only_input,
 )
 from nepenthe_compress.fold.modules import ChannelAffine, conv_module, conv_spec, linear_module, linear_spec
-from nepenthe_compress.sites import classify_node
+from nepenthe_compress.sites import call_arg, classify_node
 
 
 def drop_constant_channels(fg: FoldGraph, stats: dict[str, SiteStats]) -> int:
@@ -46,10 +46,6 @@ _POOLS = (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _POOL_FUNCTIONS = {F.max_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d}
 
 
-def _arg(node: fx.Node, index: int, name: str, default: object) -> object:
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-
 def is_flatten(fg: FoldGraph, node: fx.Node) -> bool:
     """flatten(x, 1): channel i becomes features [i*HW, (i+1)*HW)."""
     m = fg.module(node)
@@ -57,7 +53,7 @@ def is_flatten(fg: FoldGraph, node: fx.Node) -> bool:
         return m.start_dim == 1 and m.end_dim == -1
     if (node.op == "call_function" and node.target is torch.flatten) or (
             node.op == "call_method" and node.target == "flatten"):
-        return _arg(node, 1, "start_dim", 0) == 1 and _arg(node, 2, "end_dim", -1) == -1
+        return call_arg(node, 1, "start_dim", 0) == 1 and call_arg(node, 2, "end_dim", -1) == -1
     return False
 
 
