@@ -1,20 +1,29 @@
 """Architecture registry: CIFAR built-ins, torchvision classifiers and ``package.module:callable``.
 
-``build_model`` never downloads anything (torchvision models are built with ``weights=None``);
-``infer_arch_kwargs`` reads ``num_classes`` / ``in_channels`` / ``width`` from a state_dict.
+``build_model`` never downloads anything (torchvision models are built with ``weights=None``), takes
+only JSON-scalar kwargs, and builds within a memory and module-count budget (``width=1e4`` is refused
+before anything large is allocated). ``package.module:callable`` is imported only when the caller says
+the name came from the user, never from a file. ``infer_arch_kwargs`` reads ``num_classes`` /
+``in_channels`` / ``width`` from a state_dict.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import importlib
 import inspect
-from collections.abc import Callable, Mapping
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 import torchvision
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.models.mobilenetv2 import MobileNetV2
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.models.vgg import cfgs as VGG_CFGS
@@ -158,12 +167,44 @@ def _torchvision_builder(name: str) -> Builder:
     return build
 
 
-def _import_callable(spec: str) -> Builder:
-    module_name, _, attr = spec.partition(":")
+def _env_int(name: str, default: int) -> int:
     try:
-        obj: Any = importlib.import_module(module_name)
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+MAX_MODEL_BYTES = _env_int("NEPENTHE_MAX_MODEL_BYTES", 8 << 30)   # tensors allocated while building
+MAX_MODULES = _env_int("NEPENTHE_MAX_MODULES", 100_000)            # submodules registered while building
+KWARG_SCALARS = (str, int, float, bool, type(None))
+_FACTORIES = ("aten.empty", "aten.zeros", "aten.ones", "aten.full", "aten.rand")
+
+
+@contextlib.contextmanager
+def import_path(code_path: str | os.PathLike | None) -> Iterator[None]:
+    """Make ``code_path`` (default: the current directory) importable for the duration."""
+    folder = str(Path(code_path or os.getcwd()).resolve())
+    added = folder not in sys.path
+    if added:
+        sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+
+
+def _import_callable(spec: str, code_path: str | os.PathLike | None = None) -> Builder:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise CheckpointError(f"architecture '{spec}': expected package.module:callable")
+    try:
+        with import_path(code_path):
+            obj: Any = importlib.import_module(module_name)
     except ImportError as e:
-        raise CheckpointError(f"cannot import '{module_name}' for architecture '{spec}': {e}") from None
+        where = Path(code_path or os.getcwd()).resolve()
+        raise CheckpointError(f"cannot import '{module_name}' for architecture '{spec}': {e} "
+                              f"(searched {where} and the installed packages; pass --code-path DIR)") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise CheckpointError(f"architecture '{spec}': '{module_name}' has no attribute '{attr}'")
@@ -173,10 +214,19 @@ def _import_callable(spec: str) -> Builder:
     return obj
 
 
-def resolve_arch(arch: str) -> Builder:
-    """The builder for ``arch``; unknown names raise ``CheckpointError`` with suggestions."""
+def resolve_arch(arch: str, allow_import: bool = False, code_path: str | os.PathLike | None = None) -> Builder:
+    """The builder for ``arch``; unknown names raise ``CheckpointError`` with suggestions.
+
+    ``package.module:callable`` is imported only with ``allow_import`` (a name the user gave).
+    """
+    if not isinstance(arch, str):
+        raise CheckpointError(f"architecture must be a name, got {type(arch).__name__}")
     if ":" in arch:
-        return _import_callable(arch)
+        if not allow_import:
+            raise CheckpointError(
+                f"architecture '{arch[:100]}' names a Python callable; nothing read from a file is imported "
+                "or called: pass --arch yourself if you trust that code")
+        return _import_callable(arch, code_path)
     if arch in BUILTINS:
         return BUILTINS[arch]
     if arch in torchvision_names():
@@ -185,17 +235,90 @@ def resolve_arch(arch: str) -> Builder:
     close = difflib.get_close_matches(arch, known, n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise CheckpointError(
-        f"unknown architecture '{arch}' ({hint}built-ins: {', '.join(BUILTINS)}; torchvision names such "
-        "as resnet18, mobilenet_v2, vgg16_bn; or package.module:callable)")
+        f"unknown architecture '{arch[:100]}' ({hint}built-ins: {', '.join(BUILTINS)}; torchvision names "
+        "such as resnet18, mobilenet_v2, vgg16_bn; or package.module:callable)")
 
 
-def build_model(arch: str, **kwargs: Any) -> nn.Module:
-    """Build ``arch`` with random weights (never downloads); bad kwargs raise ``CheckpointError``."""
-    builder = resolve_arch(arch)
+def check_arch_kwargs(arch: str, builder: Builder, kwargs: Mapping[str, Any]) -> None:
+    """Kwargs are JSON scalars (finite numbers) named by the builder's signature."""
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or type(value) not in KWARG_SCALARS:
+            raise CheckpointError(f"architecture '{arch}': argument {str(key)[:50]!r} must be a str, int, "
+                                  f"float, bool or null, got {type(value).__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CheckpointError(f"architecture '{arch}': argument {key!r} is {value}")
     try:
-        return builder(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"cannot build '{arch}' with {kwargs}: {e}") from None
+        params = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return  # torchvision builders forward **kwargs: the model's own constructor checks them
+    names = {p.name for p in params}
+    unknown = sorted(k for k in kwargs if k not in names)
+    if unknown:
+        raise CheckpointError(f"architecture '{arch}' takes no argument {', '.join(u[:50] for u in unknown[:5])} "
+                              f"(it takes {', '.join(sorted(names)) or 'none'})")
+
+
+class _BuildBudget(TorchDispatchMode):
+    """Refuses, before it happens, any tensor creation that would take a build past MAX_MODEL_BYTES."""
+
+    def __init__(self, arch: str) -> None:
+        super().__init__()
+        self.arch, self.bytes = arch, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        size = args[0] if args and isinstance(args[0], (list, tuple)) else None
+        if size is not None and str(func).startswith(_FACTORIES) and all(type(d) is int for d in size):
+            dtype = kwargs.get("dtype") or torch.get_default_dtype()
+            self.bytes += math.prod(max(d, 0) for d in size) * dtype.itemsize
+            if self.bytes > MAX_MODEL_BYTES:
+                raise CheckpointError(
+                    f"architecture '{self.arch}' would allocate more than {MAX_MODEL_BYTES / 2**30:g} GiB of "
+                    "weights with these arguments (raise NEPENTHE_MAX_MODEL_BYTES if that is intended)")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _module_budget(arch: str) -> Iterator[None]:
+    """Refuses builds that register more than MAX_MODULES submodules (a time bomb, not a memory one)."""
+    count = 0
+
+    def hook(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+        nonlocal count
+        count += 1
+        if count > MAX_MODULES:
+            raise CheckpointError(f"architecture '{arch}' builds more than {MAX_MODULES:,} modules with these arguments")
+
+    handle = nn.modules.module.register_module_module_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def build_model(arch: str, *, allow_import: bool = False, code_path: str | os.PathLike | None = None,
+                **kwargs: Any) -> nn.Module:
+    """Build ``arch`` with random weights (never downloads) within the memory and module budgets.
+
+    ``allow_import``: ``arch`` came from the user, so ``package.module:callable`` may be imported
+    (from ``code_path``, default the current directory). Problems raise ``CheckpointError``.
+    """
+    builder = resolve_arch(arch, allow_import, code_path)
+    check_arch_kwargs(arch, builder, kwargs)
+    try:
+        with _module_budget(arch), _BuildBudget(arch):
+            model = builder(**kwargs)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, OverflowError, RuntimeError, MemoryError, ZeroDivisionError) as e:
+        shown = {k: (v[:50] if isinstance(v, str) else v) for k, v in kwargs.items()}
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"cannot build '{arch}' with {shown}: {type(e).__name__}: {first}") from None
+    if not isinstance(model, nn.Module):
+        raise CheckpointError(f"architecture '{arch}' returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def _weights(state_dict: Mapping[str, Tensor], ndims: tuple[int, ...]) -> list[Tensor]:
@@ -230,12 +353,16 @@ INFERERS: dict[str, Callable[[str, Mapping[str, Tensor]], Any]] = {
 }
 
 
-def infer_arch_kwargs(arch: str, state_dict: Mapping[str, Tensor]) -> dict[str, Any]:
+def infer_arch_kwargs(arch: str, state_dict: Mapping[str, Tensor], builder: Builder | None = None) -> dict[str, Any]:
     """The kwargs of ``INFERERS`` that ``arch``'s builder names and the state_dict determines.
 
+    ``builder`` defaults to the registry's (built-ins and torchvision names; no imports).
     num_classes: a known head key, else the last 2-D weight; in_channels: the first conv weight;
     width (built-ins only): from the widest layer. Callers let explicit kwargs override these.
     """
-    accepted = inspect.signature(resolve_arch(arch)).parameters
+    try:
+        accepted = inspect.signature(builder or resolve_arch(arch)).parameters
+    except (TypeError, ValueError):
+        return {}
     found = {name: infer(arch, state_dict) for name, infer in INFERERS.items() if name in accepted}
     return {name: value for name, value in found.items() if value is not None}

@@ -1,14 +1,21 @@
 """Safe checkpoint loading (weights-only unpickling) and this tool's own checkpoint format.
 
-Accepted inputs: this tool's checkpoint (``FORMAT``), a plain state_dict, a dict holding one under
-``WRAPPER_KEYS``, with ``module.`` / ``_orig_mod.`` prefixes and torch.nn.utils.prune
-``X_orig``/``X_mask`` pairs; pickled whole modules only with ``trust_pickle``.
+Accepted inputs: this tool's checkpoint (``FORMAT``, with a content hash checked on load), a plain
+state_dict, a dict holding one under ``WRAPPER_KEYS``, with ``module.`` / ``_orig_mod.`` prefixes and
+torch.nn.utils.prune ``X_orig``/``X_mask`` pairs; pickled whole modules only with ``trust_pickle``.
+
+A file is data: its architecture name is looked up in the registry only (never imported), its
+kwargs are JSON scalars built within a budget, its tensors must be floating point where the model
+has floating point. Only the caller's own ``arch``, ``trust_pickle`` and ``code_path`` run user code.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import re
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +25,14 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from nepenthe_compress.archs import build_model, infer_arch_kwargs
+from nepenthe_compress.archs import build_model, import_path, infer_arch_kwargs, resolve_arch
 from nepenthe_compress.errors import CheckpointError
 from nepenthe_compress.io import atomic_path
-from nepenthe_compress.sites import find_sites
+from nepenthe_compress.sites import MODULE_RULES, find_sites
 from nepenthe_compress.trace import trace_model
 
 FORMAT = "nepenthe-compress/1"
+HASH_KEY = "sha256"  # content hash of this tool's checkpoints (files written before it have none)
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net", "weights")
 PREFIXES = ("module.", "_orig_mod.")
 JSON_SCALARS = (str, int, float, bool, type(None))
@@ -32,6 +40,25 @@ JSON_SCALARS = (str, int, float, bool, type(None))
 _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module \S+ is blocked)")
 # ... and wraps its own reason in advice to retry unsafely; this finds the reason
 _UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(.+)")
+# EASIER's run names: "..._iteration<k>..." after k activations were replaced by identity
+_EASIER_ITERATION = re.compile(r"EASIER_.*_iteration(\d+)")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What the user said about a checkpoint: these may run user code (``arch`` as
+    ``package.module:callable`` imported from ``code_path``, ``trust_pickle``)."""
+
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    trust_pickle: bool = False
+    code_path: str | None = None               # where user packages are imported from (default: cwd)
+    linearised_sites: tuple[str, ...] = ()     # module paths the saver replaced by identity (EASIER)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {"arch": self.arch, "arch_kwargs": self.arch_kwargs or None, "trust_pickle": self.trust_pickle,
+                "code_path": self.code_path, "linearised_sites": self.linearised_sites}
 
 
 @dataclass
@@ -42,6 +69,8 @@ class LoadedCheckpoint:
     masks: dict[str, Tensor]    # bool, keyed like the state_dict ("layer1.0.conv1.weight")
     meta: dict[str, Any]
     path: Path
+    notes: list[str] = field(default_factory=list)     # what loading changed (upcasts, hooks removed)
+    warnings: list[str] = field(default_factory=list)  # what the user should check
 
 
 @dataclass
@@ -53,6 +82,7 @@ class _Content:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     masks: dict[str, Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    own_format: bool = False
 
 
 def _first_line(e: BaseException) -> str:
@@ -78,9 +108,42 @@ class _Refused(Exception):
     """Weights-only unpickling met a Python global (a class or function it will not run)."""
 
 
+class _Inert:
+    """Stands for a class or function of the saver's ``__main__`` (EGP's forward-hook helpers): it
+    unpickles to an object that keeps no state and does nothing when called."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Inert()
+
+
+class _TrustedUnpickler(pickle.Unpickler):
+    """The full unpickler (user-trusted files only), with ``__main__`` objects made inert."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__main__":
+            return type(name, (_Inert,), {"__module__": "__main__"})
+        return super().find_class(module, name)
+
+
+_TRUSTED_PICKLE = types.SimpleNamespace(Unpickler=_TrustedUnpickler, load=pickle.load, __name__="pickle")
+
+
 def _torch_load(path: Path, weights_only: bool) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        if weights_only:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TRUSTED_PICKLE)
     except pickle.UnpicklingError as e:
         refused = _REFUSED_GLOBAL.search(str(e))
         if weights_only and refused:
@@ -88,13 +151,23 @@ def _torch_load(path: Path, weights_only: bool) -> Any:
         reason = _UNPICKLER_REASON.search(str(e))
         raise CheckpointError(f"checkpoint '{path}' is corrupt or not a PyTorch file: unpickling failed: "
                               f"{reason.group(1) if reason else _first_line(e)}") from None
+    except ModuleNotFoundError as e:
+        raise CheckpointError(
+            f"checkpoint '{path}' pickles objects of module '{e.name}', which cannot be imported: pass "
+            f"--code-path DIR, the folder that holds the package '{(e.name or '').split('.')[0]}' "
+            "(default: the current directory)") from None
+    except AttributeError as e:
+        raise CheckpointError(f"checkpoint '{path}' pickles an object its module does not define "
+                              f"({_first_line(e)}): is --code-path the code the file was saved with?") from None
+    except MemoryError:
+        raise CheckpointError(f"checkpoint '{path}' does not fit in memory") from None
     except Exception as e:  # torch.load raises RuntimeError, EOFError, ValueError, ... on bad files
         raise CheckpointError(
             f"cannot read checkpoint '{path}' (truncated, corrupt or not a PyTorch file?): "
             f"{type(e).__name__}: {_first_line(e)}") from None
 
 
-def _read(path: Path, trust_pickle: bool) -> Any:
+def _read(path: Path, trust_pickle: bool, code_path: str | None) -> Any:
     """``torch.load`` weights-only; unpickle arbitrary objects only when ``trust_pickle``."""
     try:
         return _torch_load(path, weights_only=True)
@@ -103,7 +176,8 @@ def _read(path: Path, trust_pickle: bool) -> Any:
             raise CheckpointError(
                 f"refused to load '{path}': it pickles Python objects ({e}), not just tensors; "
                 "pass --trust-pickle only for files you trust (unpickling runs code)") from None
-    return _torch_load(path, weights_only=False)
+    with import_path(code_path):
+        return _torch_load(path, weights_only=False)
 
 
 # ---- recognising the content -----------------------------------------------------------------
@@ -127,10 +201,22 @@ def _field(obj: dict, key: str, kind: type, path: Path) -> Any:
     return obj[key]
 
 
+def content_hash(obj: dict) -> str:
+    """sha256 over this tool's checkpoint content: arch, kwargs and meta as canonical JSON, then every
+    tensor of the state_dict and masks (name, dtype, shape, bytes) in name order."""
+    h = hashlib.sha256(json.dumps([obj["arch"], obj["arch_kwargs"], obj["meta"]], sort_keys=True).encode())
+    for group in ("state_dict", "masks"):
+        for name in sorted(obj[group]):
+            t = obj[group][name].detach().cpu().contiguous()
+            h.update(f"{group}/{name}/{t.dtype}/{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _own_format(obj: dict, path: Path) -> _Content:
     if obj["format"] != FORMAT:
         raise CheckpointError(
-            f"checkpoint '{path}' has unsupported format {obj['format']!r} (expected {FORMAT!r})")
+            f"checkpoint '{path}' has unsupported format {str(obj['format'])[:60]!r} (expected {FORMAT!r})")
     meta = _field(obj, "meta", dict, path)
     sites = meta.get("linearised_sites", [])
     if not (isinstance(sites, list) and all(isinstance(s, str) for s in sites)):
@@ -138,12 +224,28 @@ def _own_format(obj: dict, path: Path) -> _Content:
     sd = _field(obj, "state_dict", dict, path)
     if not _is_state_dict(sd):
         raise CheckpointError(f"checkpoint '{path}' is malformed: 'state_dict' must map names to tensors")
-    return _Content(sd, _field(obj, "arch", str, path), _field(obj, "arch_kwargs", dict, path),
-                    _field(obj, "masks", dict, path), meta)
+    masks = _field(obj, "masks", dict, path)
+    if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in masks.items()):
+        raise CheckpointError(f"checkpoint '{path}' is malformed: 'masks' must map names to tensors")
+    content = _Content(sd, _field(obj, "arch", str, path), _field(obj, "arch_kwargs", dict, path), masks, meta,
+                       own_format=True)
+    if HASH_KEY in obj:
+        stored = obj[HASH_KEY]
+        try:
+            actual = content_hash(obj)
+        except (TypeError, ValueError, RuntimeError):  # content that cannot even be hashed
+            actual = None
+        if stored != actual:
+            raise CheckpointError(f"checkpoint '{path}' failed its integrity check: the content hash does not "
+                                  "match (the file was corrupted or modified after it was written)")
+    return content
 
 
 def _parse(obj: Any, path: Path) -> _Content:
-    if isinstance(obj, dict) and str(obj.get("format", "")).startswith(FORMAT.split("/")[0] + "/"):
+    if isinstance(obj, dict) and "format" in obj and not isinstance(obj["format"], str):
+        raise CheckpointError(f"checkpoint '{path}' is malformed: 'format' must be a string, "
+                              f"got {type(obj['format']).__name__}")
+    if isinstance(obj, dict) and obj.get("format", "").startswith(FORMAT.split("/")[0] + "/"):
         return _own_format(obj, path)
     if _is_state_dict(obj):
         return _Content(obj)
@@ -153,7 +255,7 @@ def _parse(obj: Any, path: Path) -> _Content:
             arch = obj.get("arch")
             return _Content(obj[key], arch if isinstance(arch, str) else None)
         raise CheckpointError(
-            f"checkpoint '{path}' holds no state_dict: top-level keys {_few([str(k) for k in obj], 6)} "
+            f"checkpoint '{path}' holds no state_dict: top-level keys {_few([str(k)[:40] for k in obj], 6)} "
             f"(expected tensors, or one of {', '.join(WRAPPER_KEYS)})")
     raise CheckpointError(f"checkpoint '{path}' holds a {type(obj).__name__}, expected a state_dict")
 
@@ -213,7 +315,8 @@ def _check_finite(sd: dict[str, Tensor], path: Path) -> None:
             raise CheckpointError(f"checkpoint '{path}': tensor '{key}' has {bad} NaN/Inf values")
 
 
-def _load_weights(model: nn.Module, sd: dict[str, Tensor], arch: str, path: Path) -> None:
+def _load_weights(model: nn.Module, sd: dict[str, Tensor], arch: str, path: Path) -> list[str]:
+    """Copy ``sd`` into ``model`` after checking keys, shapes and dtypes; returns notes on upcasts."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in expected]
@@ -221,13 +324,23 @@ def _load_weights(model: nn.Module, sd: dict[str, Tensor], arch: str, path: Path
         parts = ([f"{len(missing)} missing keys ({_few(missing)})"] if missing else []) + \
                 ([f"{len(unexpected)} unexpected keys ({_few(unexpected)})"] if unexpected else [])
         raise CheckpointError(f"checkpoint '{path}' does not fit architecture '{arch}': {'; '.join(parts)}")
+    upcast = []
     for key, value in sd.items():
-        if value.shape != expected[key].shape:
+        want = expected[key]
+        if value.shape != want.shape:
             raise CheckpointError(
                 f"checkpoint '{path}' does not fit architecture '{arch}': '{key}' has shape "
-                f"{tuple(value.shape)} in the checkpoint, {tuple(expected[key].shape)} in the model "
+                f"{tuple(value.shape)} in the checkpoint, {tuple(want.shape)} in the model "
                 "(pass --arch-kw to change num_classes/width/...)")
+        if want.is_floating_point() != value.is_floating_point() or value.is_complex():
+            raise CheckpointError(
+                f"checkpoint '{path}': tensor '{key}' has dtype {value.dtype}, the model needs "
+                f"{'floating point' if want.is_floating_point() else want.dtype} (refusing to cast it)")
+        if value.dtype in _LOW_PRECISION and want.dtype not in _LOW_PRECISION:
+            upcast.append(key)
     model.load_state_dict(sd)
+    return [f"{len(upcast)} tensor(s) stored in {sd[upcast[0]].dtype} were upcast to "
+            f"{expected[upcast[0]].dtype} ({_few(upcast)})"] if upcast else []
 
 
 # ---- models ------------------------------------------------------------------------------------
@@ -250,8 +363,27 @@ def apply_linearised(model: nn.Module, names: list[str]) -> fx.GraphModule:
     return gm.eval()
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def remove_stored_hooks(model: nn.Module) -> int:
+    """Drop hooks a pickled module carries (e.g. EGP's entropy probes); prune's are kept for
+    :func:`_from_module`. Returns how many were removed."""
+    removed = 0
+    for mod in model.modules():
+        for attr in _HOOK_DICTS:
+            hooks = getattr(mod, attr, None)
+            for key, hook in list((hooks or {}).items()):
+                if not isinstance(hook, prune.BasePruningMethod):
+                    del hooks[key]
+                    removed += 1
+    return removed
+
+
 def _from_module(model: nn.Module, path: Path) -> LoadedCheckpoint:
-    """A trusted pickled module: make torch prune reparametrisations permanent, keep the masks."""
+    """A trusted pickled module: stored hooks removed, torch prune reparametrisations made
+    permanent (their masks kept)."""
+    removed = remove_stored_hooks(model)
     masks: dict[str, Tensor] = {}
     for mod_name, mod in model.named_modules():
         for hook in list(mod._forward_pre_hooks.values()):
@@ -260,39 +392,79 @@ def _from_module(model: nn.Module, path: Path) -> LoadedCheckpoint:
                 masks[f"{mod_name}.{name}" if mod_name else name] = getattr(mod, name + "_mask") != 0
                 prune.remove(mod, name)
     _check_finite(model.state_dict(), path)
-    return LoadedCheckpoint(model.eval(), None, {}, masks, {}, path)
+    notes = [f"removed {removed} hook(s) stored with the pickled model"] if removed else []
+    return LoadedCheckpoint(model.eval(), None, {}, masks, {}, path, notes)
+
+
+def replace_with_identity(model: nn.Module, paths: tuple[str, ...] | list[str]) -> None:
+    """Replace the activation modules at ``paths`` (module paths such as ``layer1.0.relu``) with
+    ``nn.Identity``, as EASIER does before it saves its state_dict."""
+    activations = tuple(MODULE_RULES)
+    for target in dict.fromkeys(paths):
+        parent_name, _, child = target.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name)
+            module = parent.get_submodule(child)
+        except AttributeError:
+            known = [n for n, m in model.named_modules() if isinstance(m, activations)]
+            raise CheckpointError(f"--linearised-sites: {type(model).__name__} has no module '{target}' "
+                                  f"(its activation modules: {_few(known, 5)})") from None
+        if not isinstance(module, (nn.Identity, *activations)):
+            raise CheckpointError(f"--linearised-sites: '{target}' is a {type(module).__name__}, not an activation")
+        setattr(parent, child, nn.Identity())
+
+
+def _warnings(path: Path, model: nn.Module, linearised: tuple[str, ...], from_meta: list[str]) -> list[str]:
+    """What the metadata says was linearised but the built model does not reflect."""
+    found = _EASIER_ITERATION.search(path.name)
+    if found and int(found.group(1)) > 0 and not linearised and not from_meta \
+            and not any(isinstance(m, nn.Identity) for m in model.modules()):
+        return [f"'{path.name}' looks like an EASIER checkpoint after {found.group(1)} removal(s), but the model "
+                "has all its activations: a state_dict cannot say which were replaced by identity; pass "
+                "--linearised-sites with their module paths (e.g. layer1.0.relu1)"]
+    return []
 
 
 def load_checkpoint(path: str | os.PathLike, arch: str | None = None, arch_kwargs: dict | None = None,
-                    trust_pickle: bool = False) -> LoadedCheckpoint:
+                    trust_pickle: bool = False, code_path: str | None = None,
+                    linearised_sites: tuple[str, ...] | list[str] = ()) -> LoadedCheckpoint:
     """Load any accepted checkpoint form into an eval-mode model (see the module docstring).
 
-    ``arch`` overrides the stored architecture; ``arch_kwargs`` override stored and inferred kwargs.
-    A trusted pickled module (``trust_pickle``) is returned as it is; ``arch`` is then not used.
+    ``arch`` (the user's: may be ``package.module:callable``, imported from ``code_path``, default
+    the current directory) overrides the stored architecture, which is only ever a registry name;
+    ``arch_kwargs`` override stored and inferred kwargs. A trusted pickled module (``trust_pickle``)
+    is used as it is, hooks removed; ``arch`` is then not used. ``linearised_sites`` names activation
+    modules the saver replaced by identity (EASIER's state_dicts).
     """
     path = _check_file(path)
-    obj = _read(path, trust_pickle)
+    obj = _read(path, trust_pickle, code_path)
     module = _find_module(obj)
     if module is not None:
-        return _from_module(module, path)
+        loaded = _from_module(module, path)
+        replace_with_identity(loaded.model, tuple(linearised_sites))
+        return loaded
     content = _parse(obj, path)
     sd, masks = normalise_state_dict(content.state_dict)
     masks |= _checked_masks(content.masks, sd, f"checkpoint '{path}'")
     sd = _apply_masks(sd, masks)
     _check_finite(sd, path)
-    arch = arch or content.arch
-    if arch is None:
+    if arch is None and content.arch is None:
         raise CheckpointError(
             f"checkpoint '{path}' is a plain state_dict: pass --arch (a torchvision name such as resnet18, "
             "a built-in such as cifar_resnet18, or package.module:callable)")
+    user_arch = arch is not None
+    arch = arch or content.arch
+    builder = resolve_arch(arch, allow_import=user_arch, code_path=code_path)
     stored = content.arch_kwargs if arch == content.arch else {}
-    kwargs = {**infer_arch_kwargs(arch, sd), **stored, **(arch_kwargs or {})}
-    model = build_model(arch, **kwargs)
-    _load_weights(model, sd, arch, path)
+    kwargs = {**infer_arch_kwargs(arch, sd, builder), **stored, **(arch_kwargs or {})}
+    model = build_model(arch, allow_import=user_arch, code_path=code_path, **kwargs)
+    replace_with_identity(model, tuple(linearised_sites))
+    notes = _load_weights(model, sd, arch, path)
     model.eval()
     linearised = content.meta.get("linearised_sites", [])
     return LoadedCheckpoint(apply_linearised(model, linearised) if linearised else model,
-                            arch, kwargs, masks, content.meta, path)
+                            arch, kwargs, masks, content.meta, path, notes,
+                            _warnings(path, model, tuple(linearised_sites), linearised))
 
 
 # ---- saving ------------------------------------------------------------------------------------
@@ -317,7 +489,8 @@ def check_json_like(value: Any, where: str) -> None:
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, arch: str, arch_kwargs: dict[str, Any],
                     masks: dict[str, Tensor] | None = None, meta: dict[str, Any] | None = None) -> None:
-    """Write this tool's checkpoint atomically; masks are applied to the saved weights.
+    """Write this tool's checkpoint atomically, with its content hash; masks are applied to the saved
+    weights.
 
     torch prune reparametrisations on ``model`` are merged (their masks saved too). ``arch_kwargs``
     and ``meta`` must be JSON-like (TypeError otherwise) so the file loads with weights_only.
@@ -335,5 +508,6 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, arch: str, arch_k
         "masks": {k: m.clone() for k, m in all_masks.items()},
         "meta": meta,
     }
+    obj[HASH_KEY] = content_hash(obj)
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

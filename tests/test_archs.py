@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.models.mobilenetv2 import MobileNetV2
 from torchvision.models.vgg import make_layers
 
-from nepenthe_compress.archs import BUILTINS, build_model, infer_arch_kwargs
+from nepenthe_compress.archs import BUILTINS, build_model, infer_arch_kwargs, resolve_arch
 from nepenthe_compress.errors import CheckpointError
 
 
@@ -161,8 +161,9 @@ def test_callable_arch_builds_and_infers_from_last_2d_weight() -> None:
     src = TinyNet(num_classes=4, in_channels=1, hidden=8)
     sd = src.state_dict()
     # "hidden" is not inferable: only the kwargs of INFERERS that the callable names
-    assert infer_arch_kwargs(arch, sd) == {"num_classes": 4, "in_channels": 1}
-    model = build_model(arch, num_classes=4, in_channels=1, hidden=8)
+    builder = resolve_arch(arch, allow_import=True)
+    assert infer_arch_kwargs(arch, sd, builder) == {"num_classes": 4, "in_channels": 1}
+    model = build_model(arch, allow_import=True, num_classes=4, in_channels=1, hidden=8)
     model.load_state_dict(sd)
     x = torch.randn(2, 1, 6, 6)
     torch.testing.assert_close(model(x), src(x), rtol=0, atol=0)
@@ -173,11 +174,13 @@ def test_callable_arch_builds_and_infers_from_last_2d_weight() -> None:
     ("no_such_net", ["unknown architecture", "package.module:callable"]),
     ("no_such_pkg.mod:fn", ["cannot import 'no_such_pkg.mod'"]),
     ("torch.nn:NoSuchThing", ["has no attribute 'NoSuchThing'"]),
-    ("torch.nn:init.calculate_gain", ["cannot build"]),  # callable, but the kwargs below do not fit it
+    ("torch.nn:init.calculate_gain", ["takes no argument num_classes"]),  # callable, kwargs do not fit
+    ("collections:OrderedDict", ["returned a OrderedDict, not a torch.nn.Module"]),
 ])
 def test_bad_architecture_is_a_one_line_checkpoint_error(arch: str, words: list[str]) -> None:
+    kwargs = {} if arch == "collections:OrderedDict" else {"num_classes": 3}
     with pytest.raises(CheckpointError) as e:
-        build_model(arch, num_classes=3)
+        build_model(arch, allow_import=True, **kwargs)
     assert "\n" not in str(e.value)
     for w in words:
         assert w in str(e.value)

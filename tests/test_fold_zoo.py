@@ -37,7 +37,9 @@ from nepenthe_compress.export import export_onnx
 from nepenthe_compress.fold.core import fold_graph
 from nepenthe_compress.fold.graph import FoldOptions
 from nepenthe_compress.onnx_depth import onnx_depth
-from nepenthe_compress.verify import compare_runners, onnx_runner, torch_runner, verify_equivalence
+from nepenthe_compress.fold.pipeline import NOISE_FACTOR
+from nepenthe_compress.verify import (compare_runners, float32_noise, onnx_runner, torch_runner,
+                                     verify_equivalence)
 
 EXACT = 1e-5          # float32: max|diff| / max|ref| (DESIGN 4)
 EXACT64 = 1e-10       # float64 fold of float64 models
@@ -269,16 +271,19 @@ def test_fold_on_a_real_architecture(name: str, tmp_path: Path) -> None:
     model64, x64 = copy.deepcopy(case.model).double(), case.x.double()
     fold64 = fold_graph(model64, measure_entropy(model64, [x64]), x64[:2], FoldOptions(merge="all"))
 
+    # the CLI's rule: 1e-5, or 10x the original's own float32 rounding error when that is larger
+    # (vgg11_bn's own float32-vs-float64 error is 1.5e-5 with torch 2.14's CPU kernels)
+    tol = max(EXACT, NOISE_FACTOR * float32_noise(case.model, [case.x]))
     got = {"linearised": set(fold.linearised), "sites total": fold.sites_total,
            "channels dropped": fold.channels_dropped,
            "depth": (onnx_depth(original), onnx_depth(folded)),
-           "torch max rel <= 1e-5": verify_equivalence(case.model, fold.model, [case.x]).max_rel <= EXACT,
-           "onnx batches 1 and N max rel <= 1e-5": onnx.max_rel <= EXACT and onnx.samples == 1 + len(case.x),
+           "torch max rel <= tol": verify_equivalence(case.model, fold.model, [case.x]).max_rel <= tol,
+           "onnx batches 1 and N max rel <= tol": onnx.max_rel <= tol and onnx.samples == 1 + len(case.x),
            "float64 linearised": set(fold64.linearised),
            "float64 max rel <= 1e-10": verify_equivalence(model64, fold64.model, [x64]).max_rel <= EXACT64}
     expected = {"linearised": case.sites, "sites total": len(report.sites), "channels dropped": case.dead,
                 "depth": (case.depth, case.depth - case.drop),
-                "torch max rel <= 1e-5": True, "onnx batches 1 and N max rel <= 1e-5": True,
+                "torch max rel <= tol": True, "onnx batches 1 and N max rel <= tol": True,
                 "float64 linearised": case.sites, "float64 max rel <= 1e-10": True}
     assert got == expected
 

@@ -41,12 +41,35 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def report_load(loaded: Any) -> None:
+    """Print what loading a checkpoint changed (``note:``) or doubts (``warning:``) on stderr."""
+    print_notes(loaded.notes, loaded.warnings)
+
+
+def print_notes(notes: list[str], warnings: list[str]) -> None:
+    for note in notes:
+        err_console.print(f"[cyan]note:[/] {escape(note)}", soft_wrap=True)
+    for warning in warnings:
+        err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+
+
+def _parse_kv_option(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, Any]:
+    try:
+        return parse_kv(value)
+    except UserError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _parse_names(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(n.strip() for v in value for n in v.split(",") if n.strip())
+
+
 arch_option = click.option(
     "--arch", default=None,
-    help="Architecture: torchvision name (resnet18), built-in (cifar_resnet18) or package.module:callable. "
-    "Needed for plain state_dicts.")
+    help="Architecture: torchvision name (resnet18), built-in (cifar_resnet18) or package.module:callable "
+    "(imported from --code-path). Needed for plain state_dicts; a checkpoint file can only name the first two.")
 arch_kwargs_option = click.option(
-    "--arch-kw", "arch_kw", multiple=True, metavar="KEY=VALUE",
+    "--arch-kw", "arch_kw", multiple=True, metavar="KEY=VALUE", callback=_parse_kv_option,
     help="Extra architecture argument (repeatable), e.g. --arch-kw width=0.25 --arch-kw num_classes=10.")
 calib_option = click.option(
     "--calib", default=None, metavar="SRC",
@@ -55,15 +78,34 @@ calib_option = click.option(
     "or 'digits' (scikit-learn 8x8). Defaults to the checkpoint's own calibration spec.")
 trust_option = click.option(
     "--trust-pickle", is_flag=True, default=False,
-    help="Allow loading a checkpoint that pickles whole modules (executes code from the file!).")
+    help="Allow loading a checkpoint that pickles whole modules (executes code from the file!). "
+    "Objects from the saver's __main__ (e.g. hook helpers) load inert; stored hooks are removed.")
+code_path_option = click.option(
+    "--code-path", type=click.Path(exists=True, file_okay=False), default=None, metavar="DIR",
+    help="Folder to import model code from, for --arch package.module:callable and --trust-pickle "
+    "[default: the current directory].")
+linearised_option = click.option(
+    "--linearised-sites", "linearised_sites", multiple=True, callback=_parse_names, metavar="NAMES",
+    help="Activation modules (module paths, comma-separated or repeated, e.g. layer1.0.relu1) that the "
+    "saver replaced by identity, as EASIER does before saving its state_dict.")
+
+_LOAD_OPTIONS = (arch_option, arch_kwargs_option, calib_option, trust_option, code_path_option, linearised_option)
 
 
 def checkpoint_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--arch, --arch-kw, --calib, --trust-pickle: how a verb that reads a checkpoint builds its
-    model and finds its data."""
-    for option in reversed((arch_option, arch_kwargs_option, calib_option, trust_option)):
-        fn = option(fn)
-    return fn
+    """--arch, --arch-kw, --calib, --trust-pickle, --code-path, --linearised-sites: how a verb that
+    reads a checkpoint builds its model (passed on as ``load``, a ``LoadOptions``) and finds its data."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, arch: str | None, arch_kw: dict[str, Any], trust_pickle: bool, code_path: str | None,
+                linearised_sites: tuple[str, ...], **kwargs: Any) -> Any:
+        from nepenthe_compress.checkpoint import LoadOptions
+
+        return fn(*args, load=LoadOptions(arch, arch_kw, trust_pickle, code_path, linearised_sites), **kwargs)
+
+    for option in reversed(_LOAD_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 def _parse_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:

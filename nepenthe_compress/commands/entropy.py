@@ -5,7 +5,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from nepenthe_compress.checkpoint import load_checkpoint
+from nepenthe_compress.checkpoint import LoadOptions, load_checkpoint
 from nepenthe_compress.commands.common import (
     batch_option,
     checkpoint_options,
@@ -16,7 +16,7 @@ from nepenthe_compress.commands.common import (
     leaf_option,
     limit_option,
     out_console,
-    parse_kv,
+    report_load,
     user_errors,
 )
 from nepenthe_compress.data import iter_batches, load_checkpoint_data
@@ -57,8 +57,8 @@ def entropy_table(report: EntropyReport) -> Table:
               help="Write the neuron-state figure here (.png, .svg or .pdf).")
 @leaf_option
 @user_errors
-def entropy(ckpt: str, arch: str | None, arch_kw: tuple[str, ...], calib: str | None, input_shape: tuple[int, ...] | None, normalize: dict | None, limit: int | None,
-            batch_size: int, json_path: str | None, plot_path: str | None, trust_pickle: bool,
+def entropy(ckpt: str, load: LoadOptions, calib: str | None, input_shape: tuple[int, ...] | None, normalize: dict | None, limit: int | None,
+            batch_size: int, json_path: str | None, plot_path: str | None,
             leaf: tuple[str, ...]) -> None:
     """Measure, per activation site of CKPT, how many neurons never change state on calibration data.
 
@@ -67,7 +67,8 @@ def entropy(ckpt: str, arch: str | None, arch_kw: tuple[str, ...], calib: str | 
     """
     if plot_path is not None:
         plot_format(plot_path)  # fail before the work, not after it
-    loaded = load_checkpoint(ckpt, arch=arch, arch_kwargs=parse_kv(arch_kw), trust_pickle=trust_pickle)
+    loaded = load_checkpoint(ckpt, **load.as_kwargs())
+    report_load(loaded)
     meta = {**loaded.meta, **data_overrides(input_shape, normalize)}
     data = load_checkpoint_data(meta, calib, where=ckpt, limit=limit)
     report = measure_entropy(loaded.model, list(iter_batches(data.x, batch_size)), progress=True,

@@ -8,14 +8,14 @@ import torch
 from rich.table import Table
 from torch import Tensor
 
-from nepenthe_compress.checkpoint import LoadedCheckpoint, load_checkpoint
+from nepenthe_compress.checkpoint import LoadedCheckpoint, LoadOptions, load_checkpoint
 from nepenthe_compress.commands.common import (
     checkpoint_options,
     emit_json,
     input_shape_option,
     json_option,
     out_console,
-    parse_kv,
+    report_load,
     user_errors,
 )
 from nepenthe_compress.data import load_data
@@ -63,11 +63,12 @@ def render_summary(paths: list[Path], summary: OnnxSummary) -> Table:
 @click.option("--pt2", is_flag=True, help="Also write a torch.export program (.pt2) next to the ONNX file.")
 @json_option
 @user_errors
-def export(ckpt: str, arch: str | None, arch_kw: tuple[str, ...], calib: str | None, trust_pickle: bool,
+def export(ckpt: str, load: LoadOptions, calib: str | None,
            input_shape: tuple[int, ...] | None, output: str | None, opset: int, batch_size: int,
            static_batch: bool, pt2: bool, json_path: str | None) -> None:
     """Export checkpoint CKPT to ONNX (checked against torch in onnxruntime) and report its depth."""
-    ck = load_checkpoint(ckpt, arch=arch, arch_kwargs=parse_kv(arch_kw), trust_pickle=trust_pickle)
+    ck = load_checkpoint(ckpt, **load.as_kwargs())
+    report_load(ck)
     example = example_input(ck, calib, input_shape, batch_size)
     onnx_path = Path(output) if output else Path(ckpt).with_suffix(".onnx")
     paths = [onnx_path, onnx_path.with_suffix(".pt2")] if pt2 else [onnx_path]

@@ -15,7 +15,7 @@ from nepenthe_compress.commands.common import (
     leaf_option,
     limit_option,
     out_console,
-    parse_kv,
+    print_notes,
     user_errors,
 )
 
@@ -44,18 +44,19 @@ from nepenthe_compress.commands.common import (
 @leaf_option
 @json_option
 @user_errors
-def fold(checkpoint, arch, arch_kw, calib, trust_pickle, input_shape, normalize, outdir, merge, allow_inexact, approximate, keep_channels, holdout,
+def fold(checkpoint, load, calib, input_shape, normalize, outdir, merge, allow_inexact, approximate, keep_channels, holdout,
          limit, batch_size, bench, repeats, pt2, leaf, json_path) -> None:
     """Fold a pruned CHECKPOINT into a shallower ONNX model and prove it equivalent."""
     from nepenthe_compress.fold.graph import FoldOptions
     from nepenthe_compress.fold.pipeline import FoldRequest, fold_checkpoint
 
-    req = FoldRequest(checkpoint, arch, parse_kv(arch_kw), calib, outdir,
+    req = FoldRequest(checkpoint, load, calib, outdir,
                       FoldOptions(merge, allow_inexact, approximate, not keep_channels), holdout, limit,
-                      batch_size, trust_pickle, bench, repeats, pt2, leaf,
+                      batch_size, bench, repeats, pt2, leaf,
                       data_overrides(input_shape, normalize), progress=console.is_terminal)
     with console.status("folding...") if console.is_terminal else _null():
         result = fold_checkpoint(req)
+    print_notes(result.checkpoint_notes, result.checkpoint_warnings)
     render(result, out_console(json_path))
     emit_json(result.to_dict(), json_path)
 

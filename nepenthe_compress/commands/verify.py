@@ -11,7 +11,7 @@ import torch
 from rich.table import Table
 from torch import Tensor
 
-from nepenthe_compress.checkpoint import load_checkpoint
+from nepenthe_compress.checkpoint import LoadOptions, load_checkpoint
 from nepenthe_compress.commands.common import (
     batch_option,
     checkpoint_options,
@@ -20,7 +20,7 @@ from nepenthe_compress.commands.common import (
     json_option,
     limit_option,
     out_console,
-    parse_kv,
+    report_load,
     user_errors,
 )
 from nepenthe_compress.data import iter_batches, load_data
@@ -47,7 +47,8 @@ def _open_pt2(path: Path, opts: dict[str, Any]) -> Opened:
 
 
 def _open_checkpoint(path: Path, opts: dict[str, Any]) -> Opened:
-    ck = load_checkpoint(path, arch=opts["arch"], arch_kwargs=opts["arch_kwargs"], trust_pickle=opts["trust_pickle"])
+    ck = load_checkpoint(path, **opts["load"].as_kwargs())
+    report_load(ck)
     return Opened(torch_runner(ck.model), ck.meta)   # load_checkpoint returns eval-mode models
 
 
@@ -102,14 +103,14 @@ def render_result(reference: str, candidate: str, data: str, result: VerifyResul
 @click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True, help="onnxruntime threads.")
 @json_option
 @user_errors
-def verify(reference: str, candidate: str, arch: str | None, arch_kw: tuple[str, ...], calib: str | None,
-           trust_pickle: bool, limit: int | None, batch_size: int, input_shape: tuple[int, ...] | None,
+def verify(reference: str, candidate: str, load: LoadOptions, calib: str | None,
+           limit: int | None, batch_size: int, input_shape: tuple[int, ...] | None,
            tol: float, threads: int, json_path: str | None) -> None:
     """Check that CANDIDATE computes the same outputs as REFERENCE (each a checkpoint, .onnx or .pt2).
 
     Exits non-zero when max|diff| / max|ref| exceeds --tol.
     """
-    opts = {"arch": arch, "arch_kwargs": parse_kv(arch_kw), "trust_pickle": trust_pickle, "threads": threads}
+    opts = {"load": load, "threads": threads}
     ref, cand = open_model(reference, opts), open_model(candidate, opts)
     x, data = inputs(calib, [ref.meta, cand.meta], input_shape, limit)
     result = compare_runners(ref.runner, cand.runner, iter_batches(x, batch_size), tol)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from nepenthe_compress.checkpoint import load_checkpoint
+from nepenthe_compress.checkpoint import LoadOptions, load_checkpoint
 from nepenthe_compress.data import iter_batches, load_checkpoint_data, split
 from nepenthe_compress.entropy import EntropyReport, measure_entropy
 from nepenthe_compress.errors import FoldError
@@ -27,15 +27,13 @@ NOISE_FACTOR = 10  # ... or 10x the original's own float32 rounding error, if th
 @dataclass
 class FoldRequest:
     checkpoint: str
-    arch: str | None = None
-    arch_kwargs: dict = field(default_factory=dict)
+    load: LoadOptions = LoadOptions()
     calib: str | None = None
     outdir: str | None = None
     options: FoldOptions = FoldOptions()
     holdout: float = 0.2
     limit: int | None = None
     batch_size: int = 64
-    trust_pickle: bool = False
     bench: bool = True
     bench_repeats: int = 20
     pt2: bool = True
@@ -60,6 +58,8 @@ class FoldResult:
     latency: dict | None
     outputs: dict
     entropy: dict
+    checkpoint_notes: list[str] = field(default_factory=list)     # what loading changed (upcasts, hooks)
+    checkpoint_warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,8 +89,7 @@ def state_flips(calib: EntropyReport, held: EntropyReport) -> dict:
 
 def fold_checkpoint(req: FoldRequest) -> FoldResult:
     """Load, measure, fold, verify (failure: FoldError, nothing written), export and report."""
-    ck = load_checkpoint(req.checkpoint, arch=req.arch, arch_kwargs=req.arch_kwargs or None,
-                         trust_pickle=req.trust_pickle)
+    ck = load_checkpoint(req.checkpoint, **req.load.as_kwargs())
     data = load_checkpoint_data({**ck.meta, **req.data_overrides}, req.calib, where=str(ck.path), limit=req.limit)
     calib, held = split(data, req.holdout)
     model = ck.model.eval()
@@ -130,7 +129,8 @@ def fold_checkpoint(req: FoldRequest) -> FoldResult:
             equivalence=equivalence,
             latency=_latency(staged, calib.x, req) if req.bench else None,
             outputs={k: str(p) for k, p in paths.items()},
-            entropy=report.to_dict())
+            entropy=report.to_dict(),
+            checkpoint_notes=ck.notes, checkpoint_warnings=ck.warnings)
         staged["report"].write_text(json.dumps(result.to_dict(), indent=2, default=json_default) + "\n")
     return result
 

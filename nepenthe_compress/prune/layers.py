@@ -73,10 +73,11 @@ def considered_layers(gm: fx.GraphModule, sites: Iterable[Site]) -> dict[str, li
 
 
 def materialise(arch: str, arch_kwargs: Mapping, state_dict: Mapping[str, Tensor],
-                linearised: list[str]) -> fx.GraphModule:
+                linearised: list[str], allow_import: bool = False) -> fx.GraphModule:
     """The model as a GraphModule with the original site names, ``linearised`` sites replaced by
-    identity, weights from ``state_dict``; parameters the graph no longer uses are frozen."""
-    model = build_model(arch, **arch_kwargs)
+    identity, weights from ``state_dict``; parameters the graph no longer uses are frozen.
+    ``allow_import``: ``arch`` is the user's own (``package.module:callable`` may be imported)."""
+    model = build_model(arch, allow_import=allow_import, **arch_kwargs)
     model.load_state_dict(state_dict)
     gm = apply_linearised(model, linearised)
     freeze_unused(gm)

@@ -180,7 +180,8 @@ class _Runner:
                 break
             if step.linearise:
                 state.linearised = [*state.linearised, *step.linearise]
-                state.gm = materialise(self.arch, self.arch_kwargs, state.gm.state_dict(), state.linearised)
+                state.gm = materialise(self.arch, self.arch_kwargs, state.gm.state_dict(), state.linearised,
+                                       self._user_arch)
             params = dict(state.gm.named_parameters())
             for name, k in step.prune.items():
                 state.masks[name] = prune_smallest(params[name], state.masks[name], k)
@@ -205,10 +206,15 @@ class _Runner:
 
     # ---- model state -----------------------------------------------------------------------
 
+    @property
+    def _user_arch(self) -> bool:
+        """The architecture is the one the user named (so ``package.module:callable`` may be imported)."""
+        return self.cfg.arch is not None and self.arch == self.cfg.arch
+
     def _start(self) -> PruneState:
         torch.manual_seed(self.cfg.seed)
         if self.cfg.init is None:
-            model = build_model(self.arch, **self.arch_kwargs)
+            model = build_model(self.arch, allow_import=self._user_arch, **self.arch_kwargs)
             return self._state(model.state_dict(), [], {})
         ck = load_checkpoint(self.cfg.init, arch=self.cfg.arch, arch_kwargs=self.arch_kwargs or None)
         self.arch, self.arch_kwargs = ck.arch, ck.arch_kwargs
@@ -219,17 +225,17 @@ class _Runner:
         return state
 
     def _restore(self, path: Path) -> PruneState:
-        ck = load_checkpoint(path)
+        ck = load_checkpoint(path, arch=self.cfg.arch)
         self.arch, self.arch_kwargs = ck.arch, ck.arch_kwargs
         state = self._state(ck.model.state_dict(), list(ck.meta.get("linearised_sites", [])), ck.masks)
         state.report = measure(state.gm, self.train_set.x, self.cfg.batch_size, self.ctx)
         return state
 
     def _state(self, sd: dict, linearised: list[str], masks: dict) -> PruneState:
-        original = trace_model(build_model(self.arch, **self.arch_kwargs))
+        original = trace_model(build_model(self.arch, allow_import=self._user_arch, **self.arch_kwargs))
         sites = find_sites(original)
         self.sites_total = len(sites)
-        gm = materialise(self.arch, self.arch_kwargs, sd, linearised)
+        gm = materialise(self.arch, self.arch_kwargs, sd, linearised, self._user_arch)
         self._check_fit(gm)
         layer_sites = considered_layers(original, sites)
         all_masks = full_masks(gm, layer_sites)
