@@ -99,8 +99,10 @@ def _check_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint '{path}' is a directory, expected a file")
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint '{path}' not found")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' is not a regular file")
     return path
 
 

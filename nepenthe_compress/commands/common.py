@@ -24,7 +24,8 @@ def out_console(json_path: str | None) -> Console:
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn ``UserError`` and OS errors (unwritable output, full disk) into one line and exit 1."""
+    """Turn ``UserError``, OS errors (unwritable output, full disk) and MemoryError into one line
+    and exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -33,6 +34,10 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (UserError, OSError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             err_console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
+            sys.exit(1)
+        except MemoryError:
+            err_console.print("[bold red]error:[/] out of memory (input, data or model too large for this "
+                              "machine; try --limit or --batch-size)", soft_wrap=True)
             sys.exit(1)
         except KeyboardInterrupt:
             err_console.print("[bold red]interrupted[/]")
