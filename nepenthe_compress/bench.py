@@ -18,20 +18,44 @@ import torch
 from torch import nn
 
 from nepenthe_compress.errors import UserError
-from nepenthe_compress.verify import eval_mode, input_dtype, ort_session
+from nepenthe_compress.signature import (
+    Signature,
+    check_input,
+    check_input_bytes,
+    check_same_input,
+    format_dims,
+    onnx_signature,
+)
+from nepenthe_compress.verify import error_line, eval_mode, input_dtype, ort_session
 
 
-def _sample_shape(session: ort.InferenceSession, path: str | os.PathLike) -> tuple[int, ...]:
-    """Per-sample input shape from the model's first input (all dims but the batch must be fixed)."""
-    dims = session.get_inputs()[0].shape[1:]
-    if not all(isinstance(d, int) for d in dims):
-        raise UserError(f"'{path}' has symbolic input dims {dims}: give the input shape explicitly")
-    return tuple(dims)
+def _sample_shape(sig: Signature) -> tuple[int, ...]:
+    """Per-sample input shape declared by the model (all dims but the batch must be fixed)."""
+    shape, dims = sig.sample_shape(), sig.input_dims()
+    if shape is None:
+        declared = f"input {format_dims(dims)} with free dims beyond the batch" if dims else "no input shape"
+        raise UserError(f"'{sig.model}' declares {declared}: give the input shape explicitly")
+    return shape
 
 
 def _sample(shape: Sequence[int], seed: int) -> np.ndarray:
-    """The seeded standard-normal input (float64): the same values for every model and runtime."""
+    """The seeded standard-normal input (float64): the same values for every model and runtime.
+    Refused before allocation when over the input budget."""
+    check_input_bytes(shape, np.dtype(np.float64).itemsize)
     return np.random.default_rng(seed).standard_normal(tuple(shape))
+
+
+def _checked_shape(sigs: Mapping[str, Signature], baseline: str, input_shape: Sequence[int] | None,
+                   batches: Sequence[int]) -> tuple[int, ...]:
+    """The per-sample shape every model will be fed, after checking that each one declares an input
+    that fits it (and the baseline's) at every batch size."""
+    base = sigs[baseline]
+    for sig in sigs.values():
+        check_same_input(base, sig)
+    shape = tuple(input_shape) if input_shape else _sample_shape(base)
+    for sig in sigs.values():
+        check_input(sig, shape, batches, "the input")
+    return shape
 
 
 def _input(session: ort.InferenceSession, shape: Sequence[int], seed: int) -> dict[str, np.ndarray]:
@@ -59,16 +83,22 @@ def _interleaved(runs: Mapping[str, Callable[[], object]], warmup: int, repeats:
     return times
 
 
-def _onnx_run(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> Callable[[], object]:
-    return lambda: session.run(None, feed)
+def _onnx_run(session: ort.InferenceSession, feed: dict[str, np.ndarray], path: str | os.PathLike) -> Callable[[], object]:
+    def run() -> object:
+        try:
+            return session.run(None, feed)
+        except Exception as e:  # onnxruntime's pybind errors
+            shape = tuple(next(iter(feed.values())).shape)
+            raise UserError(f"onnxruntime failed on '{path}' with input {shape}: {error_line(e)}") from e
+    return run
 
 
 def bench_onnx(path: str | os.PathLike, input_shape: Sequence[int] | None, batch: int, threads: int = 2,
                warmup: int = 3, repeats: int = 20, seed: int = 0) -> list[float]:
     """Latencies (s) of ``repeats`` runs of the ONNX model on one seeded (batch, *input_shape) input."""
     session = ort_session(path, threads)
-    shape = (batch, *(input_shape or _sample_shape(session, path)))
-    run = _onnx_run(session, _input(session, shape, seed))
+    shape = _checked_shape({"model": onnx_signature(session, str(path))}, "model", input_shape, [batch])
+    run = _onnx_run(session, _input(session, (batch, *shape), seed), path)
     return _interleaved({"model": run}, warmup, repeats)["model"]
 
 
@@ -134,10 +164,13 @@ def compare_latency(paths: Mapping[str, str | os.PathLike], input_shape: Sequenc
     if baseline not in paths:
         raise UserError(f"baseline {baseline!r} is not one of the models ({', '.join(paths)})")
     sessions = {name: ort_session(p, threads) for name, p in paths.items()}
-    shape = tuple(input_shape or _sample_shape(sessions[baseline], paths[baseline]))
+    sigs = {name: onnx_signature(s, str(paths[name])) for name, s in sessions.items()}
+    shape = _checked_shape(sigs, baseline, input_shape, batches)
+    for batch in batches:
+        check_input_bytes((batch, *shape), np.dtype(np.float64).itemsize)
     rows: list[LatencyRow] = []
     for batch in batches:
-        runs = {name: _onnx_run(s, _input(s, (batch, *shape), seed)) for name, s in sessions.items()}
+        runs = {name: _onnx_run(s, _input(s, (batch, *shape), seed), paths[name]) for name, s in sessions.items()}
         times = _interleaved(runs, warmup, repeats)
         base = statistics.median(times[baseline])
         rows += [_row(name, batch, t, base) for name, t in times.items()]

@@ -208,8 +208,11 @@ def export_pt2(model: nn.Module, example: Tensor, path: str | os.PathLike, *, dy
 
 
 def load_pt2(path: str | os.PathLike) -> ExportedProgram:
-    """Load a .pt2 written by :func:`export_pt2`; unreadable files -> ExportError naming the file."""
+    """Load a .pt2 written by :func:`export_pt2`. Like ``torch.export.load`` this runs code stored in the
+    file (pickles, guard expressions): only for trusted files. Unreadable files -> one ExportError line
+    naming the file; torch's own warnings and log lines about it are silenced."""
     try:
-        return torch.export.load(str(path))
+        with _quiet():
+            return torch.export.load(str(path))
     except Exception as e:  # missing file, not a zip, wrong version: all mean "cannot load this file"
         raise ExportError(f"cannot load exported program '{path}': {_summary(e)}") from e

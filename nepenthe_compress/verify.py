@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from nepenthe_compress.errors import UserError
+from nepenthe_compress.signature import onnx_signature
 
 Runner = Callable[[Tensor], list[Tensor]]
 
@@ -26,6 +28,9 @@ ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(double)": np.dtype(np.float64),
     "tensor(float16)": np.dtype(np.float16),
 }
+MAX_THREADS = 256              # onnxruntime creates every thread up front (5,000 take minutes)
+MESSAGE_CHARS = 300            # longest runtime error message passed on
+_ORT_STATUS = re.compile(r"^\s*\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
 
 
 @dataclass
@@ -58,23 +63,36 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+def error_line(e: BaseException) -> str:
+    """A runtime's (often multi-line) error message as one line: onnxruntime's status prefix dropped,
+    whitespace collapsed; a message over ``MESSAGE_CHARS`` keeps its start (what failed) and its end
+    (usually why), cut at word boundaries around ' ... '."""
+    text = " ".join(_ORT_STATUS.sub("", str(e)).split()) or type(e).__name__
+    if len(text) <= MESSAGE_CHARS:
+        return text
+    half = MESSAGE_CHARS // 2
+    head, tail = text[:half].rsplit(" ", 1)[0], text[-half:].split(" ", 1)[-1]
+    return f"{head} ... {tail}"
+
+
 def ort_session(path: str | os.PathLike, threads: int = 2) -> ort.InferenceSession:
     """CPU session: ``threads`` intra-op threads (no spin-waiting), 1 inter-op thread, all graph
     optimisations."""
+    if not 1 <= threads <= MAX_THREADS:
+        raise UserError(f"threads must be between 1 and {MAX_THREADS}, got {threads}")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4   # fatal only: errors reach the user once, as our own one-line message
     # Idle sessions must not keep spinning their threads: benchmarks interleave several sessions
     # on the same cores, and a spinning neighbour would be timed as part of the next model.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own pybind types (NoSuchFile, InvalidProtobuf, Fail, ...)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"onnxruntime cannot load '{path}': {first}") from e
+        raise UserError(f"onnxruntime cannot load '{path}': {error_line(e)}") from e
 
 
 def input_dtype(session: ort.InferenceSession) -> np.dtype:
@@ -96,27 +114,41 @@ def _leaves(out: object) -> list[Tensor]:
     raise UserError(f"model output of type {type(out).__name__} is not a tensor or a tuple/list/dict of tensors")
 
 
-def torch_runner(model: nn.Module) -> Runner:
-    """Runner of a torch module under ``no_grad`` (the caller sets eval mode, see :func:`eval_mode`)."""
+def torch_runner(model: nn.Module, name: str | None = None) -> Runner:
+    """Runner of a torch module under ``no_grad`` (the caller sets eval mode, see :func:`eval_mode`).
+
+    With a ``name`` (a model the user gave) any exception in the forward pass becomes a one-line
+    ``UserError`` naming it; without, it propagates as is.
+    """
     def run(x: Tensor) -> list[Tensor]:
         with torch.no_grad():
-            return _leaves(model(x))
+            if name is None:
+                return _leaves(model(x))
+            try:
+                out = model(x)
+            except Exception as e:  # anything the user's model raises on this input
+                raise UserError(f"'{name}' failed on input {tuple(x.shape)}: {error_line(e)}") from e
+            return _leaves(out)
     return run
 
 
-def onnx_runner(path: str | os.PathLike, threads: int = 2) -> Runner:
-    """Runner of an ONNX file in onnxruntime (CPU); the batch is cast to the model's input dtype."""
-    session = ort_session(path, threads)
+def session_runner(session: ort.InferenceSession, path: str | os.PathLike) -> Runner:
+    """Runner of a loaded single-input onnxruntime session; the batch is cast to its input dtype."""
+    onnx_signature(session, str(path)).input_dims()   # refuses models without exactly one input
     name, dtype = session.get_inputs()[0].name, input_dtype(session)
 
     def run(x: Tensor) -> list[Tensor]:
         try:
             outs = session.run(None, {name: x.detach().cpu().numpy().astype(dtype)})
         except Exception as e:  # onnxruntime's pybind errors (wrong shape / rank, ...)
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"onnxruntime failed on '{path}' with input {tuple(x.shape)}: {first}") from e
+            raise UserError(f"onnxruntime failed on '{path}' with input {tuple(x.shape)}: {error_line(e)}") from e
         return [torch.from_numpy(np.asarray(o)) for o in outs]
     return run
+
+
+def onnx_runner(path: str | os.PathLike, threads: int = 2) -> Runner:
+    """Runner of an ONNX file in onnxruntime (CPU), see :func:`session_runner`."""
+    return session_runner(ort_session(path, threads), path)
 
 
 # ---------------------------------------------------------------------------------------- comparison
@@ -134,13 +166,15 @@ class _Stats:
     agree: int = 0
     classified: int = 0
     samples: int = 0
+    names: tuple[str, str] = ("the reference", "the candidate")
 
     def add(self, ref: list[Tensor], cand: list[Tensor], batch: int) -> None:
+        a, b = self.names
         if len(ref) != len(cand):
-            raise UserError(f"reference has {len(ref)} output(s), candidate {len(cand)}")
+            raise UserError(f"{a} gives {len(ref)} output(s) but {b} gives {len(cand)}")
         for i, (r, c) in enumerate(zip(ref, cand, strict=True)):
             if r.shape != c.shape:
-                raise UserError(f"output {i}: reference shape {tuple(r.shape)} != candidate {tuple(c.shape)}")
+                raise UserError(f"output {i}: {a} gives {tuple(r.shape)} but {b} gives {tuple(c.shape)}")
             r64, c64 = r.detach().double(), c.detach().double()
             self.abs_max.append((c64 - r64).abs().max() if r.numel() else torch.zeros((), dtype=torch.float64))
             self.ref_max.append(r64.abs().max() if r.numel() else torch.zeros((), dtype=torch.float64))
@@ -160,9 +194,10 @@ class _Stats:
 
 
 def compare_runners(reference: Runner, candidate: Runner, batches: Iterable[Tensor],
-                    tol: float = 1e-5) -> VerifyResult:
-    """Run both on every batch (sizes may differ) and compare all outputs."""
-    stats = _Stats()
+                    tol: float = 1e-5, names: tuple[str, str] = ("the reference", "the candidate")) -> VerifyResult:
+    """Run both on every batch (sizes may differ) and compare all outputs; ``names`` name the two
+    models in errors."""
+    stats = _Stats(names=names)
     for x in batches:
         stats.add(reference(x), candidate(x), x.shape[0])
     return stats.result(tol)

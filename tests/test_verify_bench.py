@@ -18,8 +18,8 @@ from nepenthe_compress.bench import bench_onnx, bench_torch, compare_latency
 from nepenthe_compress.commands.bench import bench as bench_cmd
 from nepenthe_compress.commands.verify import verify as verify_cmd
 from nepenthe_compress.errors import UserError
-from nepenthe_compress.verify import (eval_mode, onnx_matches_torch, onnx_runner, ort_session, verify_equivalence,
-                                      verify_float64)
+from nepenthe_compress.verify import (compare_runners, eval_mode, onnx_matches_torch, onnx_runner, ort_session,
+                                      verify_equivalence, verify_float64)
 
 FEATURES = 16
 
@@ -126,8 +126,12 @@ def test_nan_output_fails():
 
 
 def test_mismatched_outputs_and_empty_batches_are_user_errors():
-    with pytest.raises(UserError, match="shape"):
+    with pytest.raises(UserError) as err:
         verify_equivalence(nn.Linear(4, 3), nn.Linear(4, 2), [torch.randn(2, 4)])
+    assert str(err.value) == "output 0: the reference gives (2, 3) but the candidate gives (2, 2)"
+    with pytest.raises(UserError) as err:
+        compare_runners(lambda x: [x], lambda x: [x, x], [torch.randn(2, 4)], names=("'a.onnx'", "'b.pt'"))
+    assert str(err.value) == "'a.onnx' gives 1 output(s) but 'b.pt' gives 2"
     with pytest.raises(UserError, match="no batches"):
         verify_equivalence(nn.Identity(), nn.Identity(), [])
 
@@ -277,8 +281,10 @@ def test_verify_command_calibration_file_and_missing_data(tmp_path):
                                           "--batch-size", "5", "--json", str(out)])
     assert res.exit_code == 0, res.output
     assert json.loads(out.read_text())["samples"] == 12
-    res = CliRunner().invoke(verify_cmd, [str(ref), str(same)])
-    assert res.exit_code == 1 and "--calib" in res.output
+    free = [gemm_onnx(tmp_path / f"{n}.onnx", [w], input_dims=["N", "F"]) for n in ("fa", "fb")]
+    res = CliRunner().invoke(verify_cmd, [str(free[0]), str(free[1])])   # no data, no declared shape
+    assert res.exit_code == 1
+    assert res.stderr == "error: no input data: pass --calib SRC (or --input-shape C,H,W for random inputs)\n"
 
 
 def test_float32_noise_equals_an_independent_float64_comparison() -> None:
@@ -293,3 +299,270 @@ def test_float32_noise_equals_an_independent_float64_comparison() -> None:
         expected = float((model(x).double() - ref).abs().max() / ref.abs().max())
     assert expected > 0  # float32 really rounds here
     assert float32_noise(model, [x]) == pytest.approx(expected, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------- bad inputs
+
+def onnx_file(path: Path, nodes: list, inputs: dict[str, list | None], outputs: dict[str, list | None],
+              inits: tuple = ()) -> Path:
+    """A float32 ONNX graph with the given declared input / output dims (None: no shape declared)."""
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in inputs.items()],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in outputs.items()],
+                              initializer=list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    onnx.save(model, str(path))   # not checker-clean where shapes are left undeclared; onnxruntime loads it
+    return path
+
+
+def relu_onnx(path: Path, dims: list) -> Path:
+    return onnx_file(path, [helper.make_node("Relu", ["x"], ["y"])], {"x": dims}, {"y": dims})
+
+
+def one_error(res, needle: str | None = None) -> str:
+    """The command failed with exit 1 and exactly one stderr line, 'error: ...', and no traceback."""
+    assert res.exit_code == 1, res.output
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.output and isinstance(res.exception, SystemExit), res.exception
+    if needle is not None:
+        assert lines[0] == f"error: {needle}"
+    return lines[0]
+
+
+def run_bench(*args: str):
+    return CliRunner().invoke(bench_cmd, [*args, "--repeats", "1", "--warmup", "0"])
+
+
+def run_verify(*args: str):
+    return CliRunner().invoke(verify_cmd, list(args))
+
+
+def test_models_without_exactly_one_input_are_refused(tmp_path):
+    two = onnx_file(tmp_path / "two.onnx", [helper.make_node("Add", ["a", "b"], ["y"])],
+                    {"a": ["N", 4], "b": ["N", 4]}, {"y": ["N", 4]})
+    const = helper.make_node("Constant", [], ["y"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0]))
+    none = onnx_file(tmp_path / "none.onnx", [const], {}, {"y": [1]})
+    one = relu_onnx(tmp_path / "one.onnx", ["N", 4])
+    msg = f"'{two}' has 2 inputs (a, b); bench/verify need single-input models"
+    one_error(run_bench(str(two)), msg)
+    one_error(run_verify(str(one), str(two), "--input-shape", "4"), msg)
+    one_error(run_bench(str(none)), f"'{none}' has 0 inputs; bench/verify need single-input models")
+    with pytest.raises(UserError, match="has 2 inputs"):
+        onnx_runner(two)
+
+
+def test_input_shapes_are_compared_before_anything_runs(tmp_path):
+    a = relu_onnx(tmp_path / "a.onnx", ["N", 3, 32, 32])
+    b = relu_onnx(tmp_path / "b.onnx", ["N", 1, 28, 28])
+    out = tmp_path / "v.json"
+    # the two models against each other
+    one_error(run_bench(str(a), str(b)), f"'{a}' expects input (N, 3, 32, 32) but '{b}' expects (N, 1, 28, 28)")
+    one_error(run_verify(str(a), str(b), "--json", str(out)),
+              f"'{a}' expects input (N, 3, 32, 32) but '{b}' expects (N, 1, 28, 28)")
+    # a model against --input-shape or the data
+    one_error(run_bench(str(a), "--input-shape", "1,28,28"),
+              f"'{a}' expects input (N, 3, 32, 32) but the input is (N, 1, 28, 28)")
+    one_error(run_verify(str(a), str(a), "--input-shape", "1,28,28", "--json", str(out)),
+              f"'{a}' expects input (N, 3, 32, 32) but the data is (N, 1, 28, 28)")
+    np.savez(tmp_path / "grey.npz", x=np.zeros((4, 1, 28, 28), np.float32))
+    one_error(run_verify(str(a), str(a), "--calib", str(tmp_path / "grey.npz"), "--json", str(out)),
+              f"'{a}' expects input (N, 3, 32, 32) but the data is (N, 1, 28, 28)")
+    one_error(run_verify(str(a), str(a), "--input-shape", "3,32", "--json", str(out)),
+              f"'{a}' expects input (N, 3, 32, 32) but the data is (N, 3, 32)")
+    assert not out.exists()   # the comparison never ran: no verdict written
+    # a fixed batch dimension
+    fixed = relu_onnx(tmp_path / "fixed.onnx", [1, FEATURES])
+    one_error(run_bench(str(fixed), "--batch", "1", "--batch", "4"),
+              f"'{fixed}' expects input (1, {FEATURES}) (a fixed batch of 1) but the input comes in batches of 4")
+    one_error(run_verify(str(fixed), str(fixed), "--limit", "10"),
+              f"'{fixed}' expects input (1, {FEATURES}) (a fixed batch of 1) but the data comes in batches of 10")
+    ok = run_verify(str(fixed), str(fixed), "--limit", "3", "--batch-size", "1")
+    assert ok.exit_code == 0, ok.output
+    # declared dims are enough for random inputs: no --input-shape needed
+    ok = run_verify(str(a), str(a), "--limit", "2", "--json", str(out))
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(out.read_text())["samples"] == 2
+
+
+def test_output_count_and_shape_mismatches_name_both_models(tmp_path):
+    five = gemm_onnx(tmp_path / "five.onnx", [square(0)[:5]])
+    four = gemm_onnx(tmp_path / "four.onnx", [square(0)[:4]])
+    one_error(run_verify(str(five), str(four)), f"output 0: '{five}' gives (N, 5) but '{four}' gives (N, 4)")
+    pair = onnx_file(tmp_path / "pair.onnx", [helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["x"], ["z"])],
+                     {"x": ["N", FEATURES]}, {"y": ["N", FEATURES], "z": ["N", FEATURES]})
+    single = relu_onnx(tmp_path / "single.onnx", ["N", FEATURES])
+    one_error(run_verify(str(single), str(pair)),
+              f"'{single}' has 1 output ((N, {FEATURES})) but '{pair}' has 2 outputs ((N, {FEATURES}), (N, {FEATURES}))")
+    # an output shape the file leaves undeclared is the one onnxruntime infers from the graph
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    loose = onnx_file(tmp_path / "loose.onnx", [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)],
+                      {"x": ["N", FEATURES]}, {"y": None}, inits=(axes,))
+    one_error(run_verify(str(single), str(loose), "--limit", "3"),
+              f"output 0: '{single}' gives (N, {FEATURES}) but '{loose}' gives (N, 1)")
+
+
+def test_error_line_is_one_clean_line():
+    from nepenthe_compress.verify import MESSAGE_CHARS, error_line
+
+    ort_text = ("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: x for the following "
+                "indices\n index: 1 Got: 3 Expected: 1\n index: 2 Got: 32 Expected: 28\n Please fix either the "
+                "inputs/outputs or the model.")
+    assert error_line(RuntimeError(ort_text)) == (
+        "Got invalid dimensions for input: x for the following indices index: 1 Got: 3 Expected: 1 index: 2 "
+        "Got: 32 Expected: 28 Please fix either the inputs/outputs or the model.")
+    words = [f"w{i:03d}" for i in range(200)]          # 999 characters, every word distinct
+    long = error_line(ValueError("\n".join(words)))
+    head, tail = long.split(" ... ")
+    assert len(long) <= MESSAGE_CHARS + 5 and "\n" not in long
+    assert " ".join(words).startswith(head) and " ".join(words).endswith(tail)      # whole words only
+    assert head.split()[-1] in words and tail.split()[0] in words and tail.endswith("w199")
+    assert error_line(ValueError("")) == "ValueError"
+
+
+def test_runtime_failures_are_one_line_with_the_reason(tmp_path):
+    """A model whose declared dims fit but which fails inside: onnxruntime's multi-line, 400-character
+    message becomes one line that keeps what failed (the node) and why (the end)."""
+    shape = numpy_helper.from_array(np.array([2, 8], np.int64), "s")
+    bad = onnx_file(tmp_path / "reshape.onnx", [helper.make_node("Reshape", ["x", "s"], ["y"])],
+                    {"x": ["N", FEATURES]}, {"y": None}, inits=(shape,))
+    line = one_error(run_bench(str(bad), "--batch", "3"))
+    assert line.startswith(f"error: onnxruntime failed on '{bad}' with input (3, {FEATURES}): Non-zero status code "
+                           "returned while running Reshape node.")
+    assert line.endswith("Input shape:{3,16}, requested shape:{2,8}") and "[ONNXRuntimeError]" not in line
+    out = tmp_path / "v.json"
+    line = one_error(run_verify(str(bad), str(bad), "--limit", "3", "--json", str(out)))
+    assert line.startswith(f"error: onnxruntime failed on '{bad}' with input (3, {FEATURES}): Non-zero status")
+    assert not out.exists()
+    # a torch model the user named: its exception becomes one line naming it
+    from nepenthe_compress.verify import torch_runner
+
+    with pytest.raises(UserError) as err:
+        torch_runner(nn.Linear(FEATURES, 2), "m.pt")(torch.randn(2, 5))
+    assert str(err.value).startswith("'m.pt' failed on input (2, 5): mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError):            # unnamed (internal) runners let errors through
+        torch_runner(nn.Linear(FEATURES, 2))(torch.randn(2, 5))
+
+
+def test_inputs_over_the_memory_budget_are_refused_before_allocation(tmp_path):
+    from nepenthe_compress.signature import MAX_INPUT_BYTES
+
+    assert MAX_INPUT_BYTES == 4 * 2**30
+    big = relu_onnx(tmp_path / "big.onnx", ["N", 3, 224, 224])
+    one_error(run_bench(str(big), "--batch", "100000000"),
+              "input (100000000, 3, 224, 224) would take 110 TiB, over the 4 GiB input budget: "
+              "use a smaller batch or input shape")
+    one_error(run_verify(str(big), str(big), "--limit", "100000000"),
+              "random input (100000000, 3, 224, 224) would take 54.8 TiB, over the 4 GiB input budget: "
+              "use a smaller batch or input shape")
+    # the largest batch under the budget is not refused by the check (float64 samples: 8 bytes each)
+    from nepenthe_compress.signature import check_input_bytes
+
+    per_sample = 3 * 224 * 224 * 8
+    check_input_bytes((MAX_INPUT_BYTES // per_sample, 3, 224, 224), 8)
+    with pytest.raises(UserError, match="over the 4 GiB input budget"):
+        check_input_bytes((MAX_INPUT_BYTES // per_sample + 1, 3, 224, 224), 8)
+
+
+def test_thread_counts_are_bounded(tmp_path):
+    from nepenthe_compress.verify import MAX_THREADS
+
+    model = relu_onnx(tmp_path / "m.onnx", ["N", 4])
+    for res in (run_bench(str(model), "--threads", "100000"), run_verify(str(model), str(model), "--threads", "0")):
+        assert res.exit_code == 2 and f"1<=x<={MAX_THREADS}" in res.output
+    with pytest.raises(UserError, match=f"threads must be between 1 and {MAX_THREADS}, got 100000"):
+        ort_session(model, threads=100000)
+
+
+def test_verify_json_is_written_exactly_when_the_comparison_ran(tmp_path):
+    w = square(0)
+    w_bad = w.copy()
+    w_bad[1, 2] += 0.1
+    ref, same, bad = (gemm_onnx(tmp_path / f"{n}.onnx", [m]) for n, m in (("ref", w), ("same", w), ("bad", w_bad)))
+    out = tmp_path / "v.json"
+    passed = run_verify(str(ref), str(same), "--limit", "4", "--json", str(out))
+    assert passed.exit_code == 0 and passed.stderr == ""
+    assert json.loads(out.read_text())["passed"] is True
+    out.unlink()
+    failed = run_verify(str(ref), str(bad), "--limit", "4", "--json", str(out))
+    verdict = json.loads(out.read_text())
+    assert verdict["passed"] is False and verdict["max_rel"] > 1e-5 and verdict["samples"] == 4
+    one_error(failed, f"not equivalent: max |diff| / max |ref| = {verdict['max_rel']:.3g} > tol 1e-05")
+    to_stdout = run_verify(str(ref), str(bad), "--limit", "4", "--json", "-")
+    assert to_stdout.exit_code == 1 and json.loads(to_stdout.stdout) == verdict   # stdout holds only the verdict
+    assert "NOT equivalent" in to_stdout.stderr                                   # the table went to stderr
+    assert to_stdout.stderr.splitlines()[-1] == failed.stderr.strip()
+    out.unlink()
+    missing = run_verify(str(ref), str(tmp_path / "model.pt"), "--json", str(out))
+    assert missing.exit_code == 2 and not out.exists()     # click refuses the missing file
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    line = one_error(run_verify(str(ref), str(garbage), "--json", str(out)))
+    assert line.startswith(f"error: onnxruntime cannot load '{garbage}': ")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["ref.onnx", "same.onnx", "bad.onnx", "garbage.onnx"])
+
+
+@pytest.fixture()
+def program(tmp_path) -> tuple[Path, nn.Module]:
+    from nepenthe_compress.export import export_pt2
+
+    model = small_net()
+    return export_pt2(model, torch.randn(2, 3, 8, 8), tmp_path / "net.pt2"), model
+
+
+def test_pt2_needs_trust_and_then_verifies_with_its_declared_input(tmp_path, program):
+    path, model = program
+    refused = run_verify(str(path), str(path), "--input-shape", "3,8,8")
+    one_error(refused, f"'{path}' is a torch.export program, and loading one runs code stored in the file: "
+                       "pass --trust-pickle if you trust it, or verify the .onnx instead")
+    out = tmp_path / "v.json"
+    ok = run_verify(str(path), str(path), "--trust-pickle", "--limit", "3", "--json", str(out))
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(out.read_text())["samples"] == 3        # shape (3, 8, 8) read from the program
+    other = relu_onnx(tmp_path / "other.onnx", ["N", 3, 32, 32])
+    one_error(run_verify(str(path), str(other), "--trust-pickle"),
+              f"'{path}' expects input (batch, 3, 8, 8) but '{other}' expects (N, 3, 32, 32)")
+
+
+def test_pt2_payload_is_not_run_without_trust(tmp_path, program):
+    import io
+    import os
+    import pickle
+    import zipfile
+
+    path, _ = program
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    evil = tmp_path / "evil.pt2"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(evil, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("model_weights_config.json"):
+                config = json.loads(data)
+                next(iter(config["config"].values()))["use_pickle"] = True
+                data = json.dumps(config).encode()
+            elif info.filename.endswith("weights/weight_0"):
+                data = pickle.dumps(Payload())
+            dst.writestr(info, data)
+    assert "is a torch.export program" in one_error(run_verify(str(evil), str(path), "--input-shape", "3,8,8"))
+    assert not marker.exists()
+
+
+def test_corrupt_pt2_gives_one_line_and_no_torch_noise(tmp_path, capfd, program):
+    from nepenthe_compress.errors import ExportError
+    from nepenthe_compress.export import load_pt2
+
+    path, _ = program
+    truncated = tmp_path / "truncated.pt2"
+    truncated.write_bytes(path.read_bytes()[:3000])
+    capfd.readouterr()
+    with pytest.raises(ExportError) as err:
+        load_pt2(truncated)
+    assert str(err.value) == f"cannot load exported program '{truncated}': File is not a zip file"
+    res = run_verify(str(truncated), str(path), "--trust-pickle", "--input-shape", "3,8,8")
+    one_error(res, f"cannot load exported program '{truncated}': File is not a zip file")
+    assert capfd.readouterr() == ("", "")      # torch's warnings and log lines (written to fd 2) are silenced

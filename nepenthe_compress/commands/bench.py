@@ -14,6 +14,7 @@ from nepenthe_compress.commands.common import (
     out_console,
     user_errors,
 )
+from nepenthe_compress.verify import MAX_THREADS
 
 
 def display_names(paths: tuple[str, ...]) -> dict[str, str]:
@@ -36,7 +37,7 @@ def render_latency(table: LatencyTable) -> Table:
 @click.argument("models", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True, default=(1, 32), show_default=True,
               help="Batch size to measure (repeatable).")
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=2, show_default=True,
               help="onnxruntime intra-op threads.")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
               help="Timed runs per model and batch.")

@@ -156,8 +156,8 @@ def data_overrides(input_shape: tuple[int, ...] | None, normalize: dict | None) 
     return {k: v for k, v in (("input_shape", input_shape), ("normalize", normalize)) if v is not None}
 
 
-limit_option = click.option("--limit", type=int, default=None, help="Use at most this many samples.")
-batch_option = click.option("--batch-size", type=int, default=64, show_default=True)
+limit_option = click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most this many samples.")
+batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 leaf_option = click.option(
     "--leaf", "leaf", multiple=True, metavar="NAME",
     help="Keep this module (class name or qualified name) opaque when tracing (repeatable); use it "
