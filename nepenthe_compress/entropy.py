@@ -50,8 +50,15 @@ class SiteStats:
 
     @property
     def entropy(self) -> float:
-        """Layer entropy: mean neuron entropy (eq. 5)."""
+        """Layer entropy: mean neuron entropy over all neurons (eq. 5)."""
         return float(self.entropy_per_neuron.mean()) if self.neurons else 0.0
+
+    @property
+    def entropy_mixed(self) -> float:
+        """Mean neuron entropy over the mixed (non-constant) neurons only, as EGP reports it; 0 when
+        none is mixed. Equals ``entropy * neurons / mixed``: larger on partly constant sites."""
+        h = self.entropy_per_neuron[~self.constant_neurons]
+        return float(h.mean()) if h.size else 0.0
 
     @property
     def constant_neurons(self) -> np.ndarray:
@@ -80,7 +87,7 @@ class SiteStats:
         d = {"name": self.name, "target": self.target, "kind": self.kind,
              "neuron_axis": self.neuron_axis, "neurons": self.neurons, "states": list(self.states),
              "always": self.always(), "mixed": self.mixed, "entropy": self.entropy,
-             "zero_entropy": self.zero_entropy, "exact": self.exact}
+             "entropy_mixed_mean": self.entropy_mixed, "zero_entropy": self.zero_entropy, "exact": self.exact}
         if with_counts:
             d["counts"] = self.counts.tolist()
         return d

@@ -1,5 +1,6 @@
 """Neuron-state figure of an entropy report: per site, the fraction of neurons always in each state
-(stacked bars) and the layer entropy (line, second axis), as in the papers' figure.
+(stacked bars) and the layer entropy (line, second axis), as in the papers' figure; a dashed line
+gives the mean over mixed neurons only (EGP's measure).
 
 matplotlib is imported only when a figure is drawn (no pyplot, no global backend: Agg canvas).
 """
@@ -76,7 +77,9 @@ def entropy_figure(report: EntropyReport) -> Figure:
 
     ent = np.array([s.entropy for s in sites])
     ax2 = ax.twinx()
-    ax2.plot(x, ent, color="black", marker="o", markersize=3, linewidth=1.2, label="layer entropy")
+    ax2.plot(x, ent, color="black", marker="o", markersize=3, linewidth=1.2, label="layer entropy (all neurons)")
+    ax2.plot(x, [s.entropy_mixed for s in sites], color="black", linestyle="--", linewidth=0.8,
+             label="entropy of mixed neurons (EGP)")
     ax2.plot(x[zero], ent[zero], linestyle="none", marker="o", markersize=5, color=ZERO_ENTROPY_COLOUR)
     top = max(1.0, float(np.log2(max((len(s.states) for s in sites), default=2))))
     ax2.set_ylim(0, top * 1.05)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from nepenthe_compress.archs import build_model
 from nepenthe_compress.checkpoint import save_checkpoint
 from nepenthe_compress.commands.entropy import entropy as entropy_cmd
-from nepenthe_compress.entropy import EntropyMeter, SiteStats, measure_entropy
+from nepenthe_compress.entropy import EntropyMeter, EntropyReport, SiteStats, measure_entropy
 from nepenthe_compress.errors import DataError, UserError
 from nepenthe_compress.plot import (
     ZERO_ENTROPY_COLOUR,
@@ -107,6 +107,8 @@ def check_site(stat: SiteStats, z64: Tensor, z32: Tensor, axis: int,
                                atol=1e-12 if near.sum() == 0 else 1e-3)
     constant = (stat.counts > 0).sum(1) == 1
     assert stat.zero_entropy == bool(constant.all())
+    mixed_bits = entropy_bits(stat.counts)[~constant]
+    assert stat.entropy_mixed == pytest.approx(mixed_bits.mean() if mixed_bits.size else 0.0, rel=0, abs=1e-12)
     assert stat.always() == {s: int((constant & (stat.counts[:, i] > 0)).sum()) for i, s in enumerate(stat.states)}
     assert stat.mixed == int((~constant).sum())
     return ref, int(near.sum())
@@ -332,6 +334,46 @@ def test_zero_entropy_detection() -> None:
     assert d["sites"][1]["always"] == {"OFF": 2, "LINEAR": 2, "SATURATED": 2}
 
 
+def stats_of(counts: list[list[int]], states: tuple[str, ...] = ("OFF", "ON")) -> SiteStats:
+    return SiteStats("relu", "relu", "relu", 1, states, np.array(counts, dtype=np.int64).reshape(-1, len(states)))
+
+
+def test_mean_over_mixed_neurons_as_egp_reports_it() -> None:
+    """Hand-computed: two neurons always OFF, two mixed with p(ON) = 1/2 (1 bit) and 1/5."""
+    h_fifth = -(0.2 * np.log2(0.2) + 0.8 * np.log2(0.8))            # 0.7219280948873623 bits
+    partly = stats_of([[10, 0], [10, 0], [5, 5], [8, 2]])
+    assert partly.mixed == 2 and not partly.zero_entropy
+    assert partly.entropy == pytest.approx((0 + 0 + 1 + h_fifth) / 4, rel=0, abs=1e-15)      # eq. 5: all neurons
+    assert partly.entropy_mixed == pytest.approx((1 + h_fifth) / 2, rel=0, abs=1e-15)        # EGP: mixed only
+    assert partly.entropy_mixed == pytest.approx(0.8609640474436812, rel=0, abs=1e-15)
+    d = partly.to_dict()
+    assert (d["entropy"], d["entropy_mixed_mean"], d["zero_entropy"]) == (partly.entropy, partly.entropy_mixed, False)
+    # three states: [2, 1, 1] of 4 elements is 1.5 bits; the two constant neurons only dilute eq. 5
+    clip = stats_of([[4, 0, 0], [2, 1, 1], [0, 0, 4]], ("OFF", "LINEAR", "SATURATED"))
+    assert (clip.entropy, clip.entropy_mixed) == (pytest.approx(0.5, abs=1e-15), pytest.approx(1.5, abs=1e-15))
+    # no mixed neuron: both are 0 and the zero-entropy verdict is unchanged
+    dead = stats_of([[7, 0], [0, 7], [7, 0]])
+    assert (dead.entropy, dead.entropy_mixed, dead.zero_entropy) == (0.0, 0.0, True)
+    empty = stats_of([])                                                 # a site that never ran
+    assert (empty.entropy, empty.entropy_mixed, empty.zero_entropy) == (0.0, 0.0, False)
+
+
+def test_entropy_table_shows_both_means() -> None:
+    from rich.console import Console
+
+    from nepenthe_compress.commands.entropy import entropy_table
+
+    report = EntropyReport([stats_of([[10, 0], [10, 0], [5, 5], [8, 2]]), stats_of([[3, 0], [0, 3]])], samples=10)
+    console = Console(width=200, record=True)
+    console.print(entropy_table(report))
+    text = console.export_text()
+    assert "all neurons" in text and "mixed (EGP)" in text
+    rows = [[c.strip() for c in ln.split("│")] for ln in text.splitlines() if ln.startswith("│ relu")]
+    # site, kind, neurons, OFF, ON, SATURATED, mixed, entropy all, entropy mixed, zero entropy
+    assert [r[1:-1] for r in rows] == [["relu", "relu", "4", "2", "0", "-", "2", "0.4305", "0.8610", ""],
+                                       ["relu", "relu", "2", "1", "1", "-", "0", "0.0000", "0.0000", "yes"]]
+
+
 # ---- streaming -------------------------------------------------------------------------------
 
 def test_counts_int64_and_accumulate_over_batches() -> None:
@@ -396,9 +438,14 @@ def test_figure_bars_and_line_match_the_counts() -> None:
         np.testing.assert_allclose(bars[key], values, rtol=0, atol=1e-12, err_msg=key)
     assert [neuron_fractions(s) for s in report.sites] == [
         {k: expected[k][i] for k in expected} for i in range(len(report.sites))]
-    line = ax2.get_lines()[0]
+    line, mixed_line = ax2.get_lines()[:2]
     np.testing.assert_allclose(line.get_ydata(), [entropy_bits(s.counts).mean() for s in report.sites],
                                rtol=0, atol=1e-12)
+    mixed_means = [(lambda h: h[h > 0].mean() if (h > 0).any() else 0.0)(entropy_bits(s.counts)) for s in report.sites]
+    assert mixed_means[0] == mixed_means[1] == 0.0 and mixed_means[2] > 0
+    np.testing.assert_allclose(mixed_line.get_ydata(), mixed_means, rtol=0, atol=1e-12)
+    assert [ln.get_label() for ln in (line, mixed_line)] == ["layer entropy (all neurons)",
+                                                            "entropy of mixed neurons (EGP)"]
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert labels == site_labels(report.sites) == ["relu", "relu6", "relu_1"]  # fx names where targets repeat
     marked = [t.get_color() == ZERO_ENTROPY_COLOUR and t.get_fontweight() == "bold" for t in ax.get_xticklabels()]
@@ -459,6 +506,10 @@ def test_cli_entropy_json_and_plot(ckpt, tmp_path) -> None:
                                   "ON": int((constant & (ref[:, 1] > 0)).sum())}
         assert site["mixed"] == int((~constant).sum()) and site["zero_entropy"] == bool(constant.all())
         assert abs(site["entropy"] - entropy_bits(ref).mean()) < 1e-12
+        bits = entropy_bits(ref)[~constant]
+        assert abs(site["entropy_mixed_mean"] - (bits.mean() if bits.size else 0.0)) < 1e-12
+        row = next([c.strip() for c in ln.split("│")] for ln in res.stdout.splitlines() if ln.startswith(f"│ {label} "))
+        assert row[7:10] == [str(site["mixed"]), f"{site['entropy']:.4f}", f"{site['entropy_mixed_mean']:.4f}"]
         zero += bool(constant.all())
     assert got["zero_entropy_sites"] == zero >= 1
     assert f"zero-entropy sites {zero}/17" in res.stdout

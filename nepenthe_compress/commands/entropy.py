@@ -25,15 +25,18 @@ from nepenthe_compress.plot import plot_entropy, plot_format, site_labels
 
 
 def entropy_table(report: EntropyReport) -> Table:
-    """One row per site: neuron counts per constant state, mixed neurons, entropy, zero-entropy mark."""
-    caption = f"zero-entropy sites {len(report.zero_entropy_sites)}/{len(report.sites)}"
+    """One row per site: neuron counts per constant state, mixed neurons, entropy (mean over all
+    neurons, and over mixed neurons only as EGP reports it), zero-entropy mark."""
+    caption = (f"zero-entropy sites {len(report.zero_entropy_sites)}/{len(report.sites)}  "
+               "(entropy in bits, mean over all neurons and over mixed neurons only, as EGP reports)")
     if any(not s.exact for s in report.sites):
         caption += "  (~: linearising this kind is approximate)"
     table = Table(title=f"Neuron states on {report.samples} calibration samples", caption=caption,
                   caption_justify="left")
     table.add_column("site", overflow="fold", min_width=14)
     table.add_column("kind")
-    for name in ("neurons", "always\nOFF", "always\nON/LINEAR", "always\nSATURATED", "mixed", "entropy\n(bits)"):
+    for name in ("neurons", "always\nOFF", "always\nON/LINEAR", "always\nSATURATED", "mixed",
+                 "entropy\nall neurons", "entropy\nmixed (EGP)"):
         table.add_column(name, justify="right")
     table.add_column("zero\nentropy", justify="center")
     for label, s in zip(site_labels(report.sites), report.sites):
@@ -41,7 +44,8 @@ def entropy_table(report: EntropyReport) -> Table:
         on = always.get("ON", always.get("LINEAR", 0))
         saturated = str(always["SATURATED"]) if "SATURATED" in always else "-"
         table.add_row(label, s.kind + ("" if s.exact else "~"), str(s.neurons), str(always["OFF"]), str(on),
-                      saturated, str(s.mixed), f"{s.entropy:.4f}", "[bold green]yes[/]" if s.zero_entropy else "",
+                      saturated, str(s.mixed), f"{s.entropy:.4f}", f"{s.entropy_mixed:.4f}",
+                      "[bold green]yes[/]" if s.zero_entropy else "",
                       style="bold" if s.zero_entropy else None)
     return table
 
