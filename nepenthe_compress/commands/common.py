@@ -83,8 +83,9 @@ calib_option = click.option(
     "or 'digits' (scikit-learn 8x8). Defaults to the checkpoint's own calibration spec.")
 trust_option = click.option(
     "--trust-pickle", is_flag=True, default=False,
-    help="Allow loading a checkpoint that pickles whole modules (executes code from the file!). "
-    "Objects from the saver's __main__ (e.g. hook helpers) load inert; stored hooks are removed.")
+    help="Allow loading a checkpoint that pickles whole modules, or a torch.export .pt2 program (both "
+    "execute code from the file!). Objects from the saver's __main__ (e.g. hook helpers) load inert; "
+    "stored hooks are removed.")
 code_path_option = click.option(
     "--code-path", type=click.Path(exists=True, file_okay=False), default=None, metavar="DIR",
     help="Folder to import model code from, for --arch package.module:callable and --trust-pickle "
