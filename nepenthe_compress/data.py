@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
+import math
+import numbers
+import os
 import pickle
+import warnings
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +25,87 @@ from torch import Tensor
 from .errors import DataError
 
 LIMIT_SEED = 0  # the fixed seed of the subset chosen by ``limit=``
+
+
+def _env_bytes(name: str, default: int) -> int:
+    try:
+        value = int(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+# Limits on what a data source (or a checkpoint's metadata) may make this process read or allocate.
+MAX_DATA_BYTES = _env_bytes("NEPENTHE_MAX_DATA_BYTES", 4 << 30)  # one array, as float32 (or its stored dtype)
+MAX_IMAGE_PIXELS = 4096 * 4096      # per image, checked from its header before decoding
+MAX_FOLDER_ENTRIES = 2_000_000      # directory entries an image-folder scan may list (ImageNet train fits)
+MAX_CLASSES = 100_000               # class folders of an image folder
+MAX_SAMPLE_RANK = 4                 # dims of one sample: (C, H, W), (C, T, H, W), (F,), ...
+MAX_SPEC_CHARS = 4096
+FLOAT32_BYTES = 4
+
+
+def _short(value: object, n: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _human(nbytes: int) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.3g} {unit}"
+    return f"{nbytes} bytes"
+
+
+def check_data_budget(shape: Sequence[int], what: str, itemsize: int = FLOAT32_BYTES) -> None:
+    """``DataError`` unless an array of ``shape`` fits ``MAX_DATA_BYTES`` both as stored (``itemsize``
+    bytes a value) and as float32; call it before allocating."""
+    nbytes = math.prod(shape) * max(itemsize, FLOAT32_BYTES)
+    if nbytes > MAX_DATA_BYTES:
+        raise DataError(f"{what}: shape {tuple(shape)} would take {_human(nbytes)}, over the data budget of "
+                        f"{_human(MAX_DATA_BYTES)} (set NEPENTHE_MAX_DATA_BYTES to raise it)")
+
+
+def checked_input_shape(shape: object, what: str = "input_shape") -> tuple[int, ...]:
+    """``shape`` (one sample, no batch) as a tuple of 1 to ``MAX_SAMPLE_RANK`` positive ints (bools
+    refused) whose float32 sample fits the data budget; ``DataError`` naming ``what`` otherwise."""
+    if not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= MAX_SAMPLE_RANK or not all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in shape):
+        raise DataError(f"{what} must be 1 to {MAX_SAMPLE_RANK} positive integers like [3, 32, 32], "
+                        f"got {_short(shape)}")
+    dims = tuple(int(v) for v in shape)
+    check_data_budget(dims, f"{what} (one sample)")
+    return dims
+
+
+def meta_input_shape(meta: Mapping, where: str) -> tuple[int, ...] | None:
+    """A checkpoint's ``meta["input_shape"]`` (untrusted), validated, or None when absent."""
+    shape = meta.get("input_shape")
+    return None if shape is None else checked_input_shape(shape, f"input_shape of checkpoint '{where}'")
+
+
+def _checked_channels(channels: object) -> int | None:
+    if channels is None:
+        return None
+    if not isinstance(channels, numbers.Integral) or isinstance(channels, bool) or channels < 1:
+        raise DataError(f"channels must be a positive integer, got {_short(channels)}")
+    return int(channels)
+
+
+def _checked_spec(src: object) -> str:
+    if not isinstance(src, str):
+        raise DataError(f"a data spec must be a string (a path or a source name), got {type(src).__name__} "
+                        f"{_short(src)}")
+    if not src or len(src) > MAX_SPEC_CHARS or "\0" in src:
+        raise DataError(f"data spec {_short(src)} is empty, longer than {MAX_SPEC_CHARS} characters or holds a NUL")
+    return src
+
+
+def random_samples(n: int, shape: object, seed: int) -> Tensor:
+    """``n`` seeded N(0, 1) float32 samples of ``shape``, validated and budgeted before allocation."""
+    dims = checked_input_shape(shape)
+    check_data_budget((n, *dims), f"{n} random samples")
+    return torch.randn((n, *dims), generator=torch.Generator().manual_seed(seed))
 
 
 @dataclass
@@ -42,16 +129,24 @@ class Normalize:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Normalize:
-        """Build from ``{"mean": [...], "std": [...]}`` (checkpoint ``meta.normalize`` form)."""
+        """Build from ``{"mean": [...], "std": [...]}`` (checkpoint ``meta.normalize`` form, untrusted)."""
+        def numbers_of(key: str) -> tuple[float, ...]:
+            values = d[key]
+            if not isinstance(values, (list, tuple)) or not all(
+                    isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+                raise TypeError(key)
+            return tuple(float(v) for v in values)
+
         try:
-            mean = tuple(float(v) for v in d["mean"])
-            std = tuple(float(v) for v in d["std"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise DataError(f"normalize must be {{'mean': [...], 'std': [...]}} of numbers, got {d!r}") from e
+            if not isinstance(d, Mapping):
+                raise TypeError(type(d).__name__)
+            mean, std = numbers_of("mean"), numbers_of("std")
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise DataError(f"normalize must be {{'mean': [...], 'std': [...]}} of numbers, got {_short(d)}") from e
         if not mean or len(mean) != len(std):
             raise DataError(f"normalize mean and std need the same non-zero length, got {len(mean)} and {len(std)}")
         if not all(np.isfinite(mean)) or not all(np.isfinite(s) and s > 0 for s in std):
-            raise DataError(f"normalize needs finite means and positive finite stds, got {d!r}")
+            raise DataError(f"normalize needs finite means and positive finite stds, got {_short(d)}")
         return cls(mean, std)
 
     def to_dict(self) -> dict:
@@ -78,6 +173,9 @@ class _Samples:
 
 
 def _in_memory(x: Tensor, y: Tensor | None) -> _Samples:
+    check_data_budget(tuple(x.shape), "x", x.element_size())  # a stride-0 view can claim any size
+    if y is not None:
+        check_data_budget(tuple(y.shape), "y", y.element_size())
     if y is not None and len(y) != len(x):
         raise DataError(f"x has {len(x)} samples but y has {len(y)}")
 
@@ -111,18 +209,60 @@ def _existing(path: Path) -> Path:
     return path
 
 
+def _regular_file(path: Path) -> Path:
+    """``path`` if it is a regular file (a FIFO or device would block or never end)."""
+    if not _existing(path).is_file():
+        raise DataError(f"{path} is not a regular file")
+    return path
+
+
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+_NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile, zlib.error)
+
+
+def _npy_header(f, what: str) -> tuple[tuple[int, ...], np.dtype]:
+    """The (shape, dtype) an .npy stream declares, read without touching its data."""
+    version = np.lib.format.read_magic(f)
+    if version not in _NPY_HEADERS:
+        raise DataError(f"{what} uses .npy format version {version[0]}.{version[1]} (1.0 and 2.0 are read)")
+    shape, _, dtype = _NPY_HEADERS[version](f)
+    return tuple(shape), dtype
+
+
+def _read_npz_member(z: zipfile.ZipFile, key: str, spec: str) -> np.ndarray:
+    """Array ``key`` of an open .npz: header checked (no objects, no negative dims, within the data
+    budget) before the data is read."""
+    what = f"{key} in {spec}"
+    with z.open(f"{key}.npy") as f:
+        shape, dtype = _npy_header(f, what)
+    if dtype.hasobject:
+        raise DataError(f"{what} has dtype object: object arrays are refused (they would be unpickled)")
+    if any(d < 0 for d in shape):
+        raise DataError(f"{what} declares a negative dimension {shape}")
+    check_data_budget(shape, what, dtype.itemsize)
+    with z.open(f"{key}.npy") as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
+
+
 def _load_npz(spec: str, input_shape: tuple[int, ...] | None) -> _Samples:
-    path = _existing(Path(spec))
+    path = _regular_file(Path(spec))
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as e:
+        with zipfile.ZipFile(path) as z:
+            keys = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+            if "x" not in keys:
+                raise DataError(f"{spec} has no 'x' entry (found: {', '.join(keys[:10]) or 'nothing'})")
+            arrays = {k: _read_npz_member(z, k, spec) for k in ("x", "y") if k in keys}
+    except _NPZ_ERRORS as e:
         raise DataError(f"cannot read {spec} as .npz (object arrays are refused): {_first_line(e)}") from e
     return _from_mapping(arrays, spec)
 
 
 def _load_pt(spec: str, input_shape: tuple[int, ...] | None) -> _Samples:
-    path = _existing(Path(spec))
+    path = _regular_file(Path(spec))
+    size = path.stat().st_size
+    if size > MAX_DATA_BYTES:
+        raise DataError(f"{spec} is {_human(size)}, over the data budget of {_human(MAX_DATA_BYTES)} "
+                        "(set NEPENTHE_MAX_DATA_BYTES to raise it)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load fails on bad files with many types (struct.error, ...)
@@ -134,7 +274,7 @@ def _load_pt(spec: str, input_shape: tuple[int, ...] | None) -> _Samples:
 
 def _from_mapping(d: Mapping, spec: str) -> _Samples:
     if "x" not in d:
-        raise DataError(f"{spec} has no 'x' entry (found: {', '.join(map(str, d)) or 'nothing'})")
+        raise DataError(f"{spec} has no 'x' entry (found: {', '.join(map(str, list(d)[:10])) or 'nothing'})")
     y = d.get("y")
     return _in_memory(_tensor(d["x"], "x"), None if y is None else _tensor(y, "y"))
 
@@ -142,22 +282,76 @@ def _from_mapping(d: Mapping, spec: str) -> _Samples:
 # --------------------------------------------------------------------------- ImageFolder directories
 
 _PIL_MODES = {1: "L", 3: "RGB"}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+
+
+class _Lister:
+    """``os.scandir`` with one budget of ``MAX_FOLDER_ENTRIES`` entries over a whole scan."""
+
+    def __init__(self, root: str) -> None:
+        self.root, self.left = root, MAX_FOLDER_ENTRIES
+
+    def __call__(self, folder: str) -> list[os.DirEntry]:
+        entries = []
+        with os.scandir(folder) as it:
+            for entry in it:
+                self.left -= 1
+                if self.left < 0:
+                    raise DataError(f"{self.root} holds more than {MAX_FOLDER_ENTRIES:,} entries in its class "
+                                    "folders: not an image folder of a size this tool reads")
+                entries.append(entry)
+        return entries
+
+
+def scan_image_folder(root: str) -> tuple[list[str], list[int]]:
+    """(paths, labels) of the images of ``root/<class>/<image>``, labelled like torchvision's
+    ImageFolder (classes are the sorted sub-folders, files sorted by name, torchvision's extensions).
+
+    Unlike torchvision, only files directly inside a class folder count (no recursion, so no
+    symlink loops and no walk of a whole file system), every class folder must hold an image, and
+    the scan stops with ``DataError`` past ``MAX_FOLDER_ENTRIES`` entries or ``MAX_CLASSES`` classes.
+    """
+    listing = _Lister(root)
+    layout = "expected DIR/<class>/<image> with images directly inside each class folder"
+    try:
+        classes = sorted(e.name for e in listing(root) if e.is_dir())
+        if not classes:
+            raise DataError(f"{root} is not an image folder: it has no class sub-folders ({layout})")
+        if len(classes) > MAX_CLASSES:
+            raise DataError(f"{root} is not an image folder of a size this tool reads: {len(classes):,} "
+                            f"class folders (at most {MAX_CLASSES:,})")
+        paths: list[str] = []
+        labels: list[int] = []
+        for label, name in enumerate(classes):
+            images = sorted(e.path for e in listing(os.path.join(root, name))
+                            if e.name.lower().endswith(IMAGE_EXTENSIONS) and e.is_file())
+            if not images:
+                raise DataError(f"{root} is not an image folder: class folder {name!r} holds no image files "
+                                f"({', '.join(IMAGE_EXTENSIONS)}; {layout})")
+            paths += images
+            labels += [label] * len(images)
+    except OSError as e:
+        raise DataError(f"{root} is not an image folder: cannot list it: {_first_line(e)}") from e
+    return paths, labels
 
 
 def _load_image_folder(spec: str, input_shape: tuple[int, ...] | None) -> _Samples:
-    from torchvision.datasets import ImageFolder
-
     if input_shape is not None and (len(input_shape) != 3 or input_shape[0] not in _PIL_MODES):
         raise DataError(f"image folder {spec} needs input_shape (C, H, W) with C in 1 or 3, got {input_shape}")
-    try:
-        samples = ImageFolder(spec).samples
-    except (FileNotFoundError, OSError) as e:
-        raise DataError(f"{spec} is not an image folder (class sub-folders of images): {_first_line(e)}") from e
-    paths = [p for p, _ in samples]
-    labels = torch.tensor([t for _, t in samples], dtype=torch.int64)
+    paths, targets = scan_image_folder(spec)
+    labels = torch.tensor(targets, dtype=torch.int64)
 
     def fetch(idx: np.ndarray) -> tuple[Tensor, Tensor]:
-        images = [_read_image(paths[i], input_shape) for i in idx]
+        if input_shape is not None:
+            check_data_budget((len(idx), *input_shape), f"{len(idx)} images")
+        images, nbytes = [], 0
+        for i in idx:
+            images.append(_read_image(paths[i], input_shape))
+            nbytes += images[-1].size * FLOAT32_BYTES
+            if nbytes > MAX_DATA_BYTES:
+                raise DataError(f"the first {len(images)} images already take {_human(nbytes)} as float32, over the "
+                                f"data budget of {_human(MAX_DATA_BYTES)}: pass an input shape to resize them, "
+                                "or a limit")
         sizes = {im.shape for im in images}
         if len(sizes) > 1:
             raise DataError(f"images in {spec} differ in size ({sorted(sizes)[:2]} ...): pass input_shape to resize")
@@ -167,16 +361,27 @@ def _load_image_folder(spec: str, input_shape: tuple[int, ...] | None) -> _Sampl
 
 
 def _read_image(path: str, input_shape: tuple[int, ...] | None) -> np.ndarray:
-    """One image as uint8 (H, W, C): RGB or L per input_shape[0] (RGB if None), resized bilinearly."""
-    from PIL import Image, UnidentifiedImageError
+    """One image as uint8 (H, W, C): RGB or L per input_shape[0] (RGB if None), resized bilinearly.
+    Its size is checked against ``MAX_IMAGE_PIXELS`` from the header, before any pixel is decoded."""
+    from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert(_PIL_MODES[input_shape[0]] if input_shape else "RGB")
-            if input_shape is not None and im.size != (input_shape[2], input_shape[1]):
-                im = im.resize((input_shape[2], input_shape[1]), Image.Resampling.BILINEAR)
-            a = np.asarray(im, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise DataError(f"image {path} is {width}x{height} pixels, over the limit of "
+                                    f"{MAX_IMAGE_PIXELS:,} pixels per image")
+                im = im.convert(_PIL_MODES[input_shape[0]] if input_shape else "RGB")
+                if input_shape is not None and im.size != (input_shape[2], input_shape[1]):
+                    im = im.resize((input_shape[2], input_shape[1]), Image.Resampling.BILINEAR)
+                a = np.asarray(im, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"image {path} refused as a decompression bomb: {_first_line(e)}") from e
+    except DataError:
+        raise
+    except Exception as e:  # decoders of untrusted files fail with many types (OSError, SyntaxError, ...)
         raise DataError(f"cannot read image {path}: {_first_line(e)}") from e
     return a.reshape(a.shape[0], a.shape[1], -1)
 
@@ -209,6 +414,9 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _safe_unpickle(path: Path):
+    size = _regular_file(path).stat().st_size
+    if size > MAX_DATA_BYTES:
+        raise DataError(f"{path} is {_human(size)}, over the data budget of {_human(MAX_DATA_BYTES)}")
     try:
         with open(path, "rb") as f:
             return _ArrayUnpickler(f, encoding="bytes").load()
@@ -221,7 +429,7 @@ def _field(batch: dict, name: str):
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    batch = _safe_unpickle(_existing(path))
+    batch = _safe_unpickle(path)
     data = _field(batch, "data") if isinstance(batch, dict) else None
     labels = _field(batch, "labels") if isinstance(batch, dict) else None
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
@@ -358,32 +566,55 @@ def _check(x: Tensor, input_shape: tuple[int, ...] | None) -> None:
     if input_shape is None or sample == input_shape:
         return
     if len(sample) == len(input_shape) and sample[1:] == input_shape[1:]:
-        raise DataError(f"channel mismatch: samples have {sample[0]} channel(s), input_shape expects {input_shape[0]}")
+        hint = f" (pass --channels {input_shape[0]} to replicate grey images)" if sample[0] == 1 else ""
+        raise DataError(f"channel mismatch: samples have {sample[0]} channel(s), input_shape expects "
+                        f"{input_shape[0]}{hint}")
     raise DataError(f"samples have shape {sample}, input_shape expects {input_shape}")
 
 
+def _replicate(x: Tensor, channels: int | None) -> Tensor:
+    """Single-channel (N, 1, ...) data repeated along axis 1 to ``channels`` (grey -> RGB)."""
+    if channels is None or x.shape[1] == channels:
+        return x
+    if x.ndim < 3 or x.shape[1] != 1:
+        raise DataError(f"cannot replicate to {channels} channels: only single-channel (N, 1, ...) data is "
+                        f"replicated, these samples have shape {tuple(x.shape[1:])}")
+    check_data_budget((len(x), channels, *x.shape[2:]), f"x replicated to {channels} channels")
+    return x.expand(-1, channels, *x.shape[2:]).contiguous()
+
+
 def load_data(src: str, *, normalize: Mapping | Normalize | None = None,
-              input_shape: Sequence[int] | None = None, limit: int | None = None) -> Dataset:
+              input_shape: Sequence[int] | None = None, limit: int | None = None,
+              channels: int | None = None) -> Dataset:
     """Load ``src`` (see ``describe_sources()``) as float32 data checked against ``input_shape``.
 
-    uint8 pixels are scaled to [0, 1], then ``normalize`` (per channel) is applied. ``limit`` keeps at
-    most that many samples: a fixed seeded random subset in file order. Problems raise ``DataError``.
+    uint8 pixels are scaled to [0, 1]; single-channel data is replicated to ``channels`` when given;
+    then ``normalize`` (per channel) is applied. ``limit`` keeps at most that many samples: a fixed
+    seeded random subset in file order. Every size is checked against ``MAX_DATA_BYTES`` before it is
+    allocated. Problems (allocation failures included) raise a one-line ``DataError``.
     """
+    spec = _checked_spec(src)
     try:
-        shape = _shape(input_shape)
+        shape = None if input_shape is None else checked_input_shape(input_shape)
         if limit is not None and limit < 1:
             raise DataError(f"limit must be >= 1, got {limit}")
-        samples = _source_for(src).load(src, shape)
+        replicate = _checked_channels(channels)
+        samples = _source_for(spec).load(spec, shape)
         x, y = samples.fetch(_pick(samples.count, limit))
-        x = _to_float(x)
+        x = _replicate(_to_float(x), replicate)
         y = _labels(y, len(x))
         _check(x, shape)
         if normalize is not None:
             norm = normalize if isinstance(normalize, Normalize) else Normalize.from_dict(normalize)
             x = norm(x)
     except DataError as e:
-        raise DataError(f"data {src!r}: {e}") from e
-    return Dataset(x, y, src)
+        raise DataError(f"data {spec!r}: {e}") from e
+    except MemoryError as e:
+        raise DataError(f"data {spec!r}: out of memory while loading it (try a limit or a smaller input "
+                        "shape)") from e
+    except (RuntimeError, OSError) as e:  # torch's allocator and shape failures, unreadable paths
+        raise DataError(f"data {spec!r}: cannot load it: {_first_line(e)}") from e
+    return Dataset(x, y, spec)
 
 
 def iter_batches(x: Tensor, batch_size: int) -> Iterator[Tensor]:
@@ -413,9 +644,15 @@ def split(ds: Dataset, holdout: float, seed: int = 0) -> tuple[Dataset, Dataset]
 
 def load_checkpoint_data(meta: Mapping, src: str | None, *, where: str, limit: int | None = None) -> Dataset:
     """Data for a checkpoint: ``src`` or the checkpoint's own ``meta["calib"]``, with its
-    normalisation and input shape. ``where`` names the checkpoint in the error when neither exists."""
-    spec = src or meta.get("calib")
+    normalisation, input shape and ``channels`` (metadata is untrusted: each entry is validated).
+    ``where`` names the checkpoint in the error when neither source exists."""
+    calib = meta.get("calib")
+    if not src and calib is not None and not isinstance(calib, str):
+        raise DataError(f"checkpoint '{where}': meta.calib must be a string naming the data, got "
+                        f"{type(calib).__name__} {_short(calib)}")
+    spec = src or calib
     if not spec:
         raise DataError(f"checkpoint '{where}' names no calibration data: pass --calib SRC "
                         "(a .npz/.pt file with x, an image folder, cifar10:ROOT, mnist or digits)")
-    return load_data(spec, normalize=meta.get("normalize"), input_shape=meta.get("input_shape"), limit=limit)
+    return load_data(spec, normalize=meta.get("normalize"), input_shape=meta_input_shape(meta, where),
+                     limit=limit, channels=meta.get("channels"))

@@ -3,26 +3,40 @@ from __future__ import annotations
 
 import builtins
 import csv
+import dataclasses
 import gzip
 import importlib.resources
+import io
 import os
 import pickle
 import struct
 import sys
+import time
+import tracemalloc
+import warnings
+import zipfile
+import zlib
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
+import nepenthe_compress.data as data_module
+from nepenthe_compress.commands.common import input_shape_option
 from nepenthe_compress.data import (
     SOURCES,
     Dataset,
     Normalize,
+    checked_input_shape,
     describe_sources,
     iter_batches,
+    load_checkpoint_data,
     load_data,
+    scan_image_folder,
     split,
 )
 from nepenthe_compress.errors import DataError, UserError
@@ -454,3 +468,364 @@ def test_describe_sources() -> None:
     assert len(lines) == len(SOURCES)
     for line, source in zip(lines, SOURCES.values()):
         assert line.startswith(source.usage) and source.help in line
+
+
+# --------------------------------------------------------------------------- untrusted specs, shapes and sizes
+
+def forged_npy(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    """An .npy stream whose header declares ``shape`` over 16 bytes of data."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue() + bytes(16)
+
+
+def forged_npz(path: Path, **members: bytes) -> str:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, raw in members.items():
+            z.writestr(f"{name}.npy", raw)
+    return str(path)
+
+
+def forged_png(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header declares ``width`` x ``height`` RGB pixels over 64 zero bytes of pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64)))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def one_line_error(match: str, fn, *args, **kwargs) -> str:
+    with pytest.raises(DataError, match=match) as info:
+        fn(*args, **kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def no_source_loads(monkeypatch) -> None:
+    """Make every source's loader fail the test: validation must happen before any load."""
+    for name, source in list(SOURCES.items()):
+        monkeypatch.setitem(SOURCES, name, dataclasses.replace(source, load=lambda *a: pytest.fail("loaded")))
+
+
+@pytest.mark.parametrize("spec", [123, ["mnist"], {"x": 1}, True, b"mnist", Path("d.npz")])
+def test_spec_must_be_a_string(spec) -> None:
+    msg = one_line_error("must be a string", load_data, spec)
+    assert type(spec).__name__ in msg
+
+
+@pytest.mark.parametrize("spec", ["", "d\0.npz", "a" * 5000])
+def test_spec_empty_nul_or_too_long(spec: str) -> None:
+    one_line_error("empty, longer than 4096 characters or holds a NUL", load_data, spec)
+
+
+@pytest.mark.parametrize("calib", [123, ["mnist"], {"x": 1}, True, 1.5])
+def test_non_string_meta_calib_is_named(calib, monkeypatch) -> None:
+    no_source_loads(monkeypatch)
+    msg = one_line_error("meta.calib must be a string", load_checkpoint_data, {"calib": calib}, None, where="ck.pt")
+    assert msg == (f"checkpoint 'ck.pt': meta.calib must be a string naming the data, got "
+                   f"{type(calib).__name__} {calib!r}")
+
+
+def test_non_string_meta_calib_is_ignored_when_the_user_names_data(tmp_path: Path) -> None:
+    x = RNG.standard_normal((3, 2)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    ds = load_checkpoint_data({"calib": 123}, str(tmp_path / "d.npz"), where="ck.pt")
+    np.testing.assert_array_equal(ds.x.numpy(), x)
+
+
+BAD_SHAPES = {
+    "huge": ([1, 100000, 100000], r"shape \(1, 100000, 100000\) would take 37.3 GiB, over the data budget of 4 GiB"),
+    "overflow": ([10 ** 30], "over the data budget"),
+    "negative": ([3, -32, 32], "positive integers"),
+    "zero": ([0, 32, 32], "positive integers"),
+    "strings": (["3", "32", "32"], "positive integers"),
+    "string": ("3,32,32", "positive integers"),
+    "floats": ([3.0, 32, 32], "positive integers"),
+    "bools": ([True, 32, 32], "positive integers"),
+    "empty": ([], "positive integers"),
+    "rank5": ([1, 1, 1, 1, 1], "1 to 4 positive integers"),
+    "scalar": (32, "positive integers"),
+    "dict": ({"c": 3}, "positive integers"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SHAPES))
+def test_meta_input_shape_validated_before_loading(case: str, monkeypatch) -> None:
+    shape, match = BAD_SHAPES[case]
+    no_source_loads(monkeypatch)
+    meta = {"calib": "digits", "input_shape": shape}
+    msg = one_line_error(match, load_checkpoint_data, meta, None, where="ck.pt")
+    assert msg.startswith("input_shape of checkpoint 'ck.pt'")
+    one_line_error(match, load_data, "digits", input_shape=shape)
+
+
+def test_checked_input_shape_accepts_numpy_ints_and_returns_a_tuple() -> None:
+    assert checked_input_shape([np.int64(3), 32, 32]) == (3, 32, 32)
+    assert checked_input_shape((64,)) == (64,)
+
+
+@click.command()
+@input_shape_option
+def _shape_cmd(input_shape) -> None:
+    click.echo(repr(input_shape))
+
+
+@pytest.mark.parametrize(("arg", "exit_code", "needle"), [
+    ("3,32,32", 0, "(3, 32, 32)"), ("3x8x8", 0, "(3, 8, 8)"), ("64", 0, "(64,)"),
+    ("1,100000,100000", 2, "--input-shape (one sample): shape (1, 100000, 100000) would take 37.3 GiB"),
+    ("99999999999999999999999,1", 2, "over the data budget"),
+    ("0,32,32", 2, "positive integers"), ("1,2,3,4,5", 2, "1 to 4 positive integers"),
+    ("three", 2, "expected positive integers like 3,32,32"),
+])
+def test_cli_input_shape_uses_the_same_validation(arg: str, exit_code: int, needle: str) -> None:
+    res = CliRunner().invoke(_shape_cmd, ["--input-shape", arg])
+    assert res.exit_code == exit_code, res.output
+    assert needle in " ".join(res.output.split())  # click wraps long lines
+    assert "Traceback" not in res.output
+
+
+def test_env_budget_override(monkeypatch) -> None:
+    monkeypatch.setenv("NEPENTHE_TEST_BYTES", "12345")
+    assert data_module._env_bytes("NEPENTHE_TEST_BYTES", 7) == 12345
+    for bad in ("lots", "-5", "0"):
+        monkeypatch.setenv("NEPENTHE_TEST_BYTES", bad)
+        assert data_module._env_bytes("NEPENTHE_TEST_BYTES", 7) == 7
+    assert data_module.MAX_DATA_BYTES == int(os.environ.get("NEPENTHE_MAX_DATA_BYTES", 4 << 30))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.float64])
+def test_budget_counts_float32_bytes_of_the_whole_array(tmp_path: Path, dtype, monkeypatch) -> None:
+    """N * prod(sample) * max(4, itemsize) bytes: exactly at the budget loads, one byte less is refused."""
+    x = np.ones((10, 3, 8, 8), dtype)
+    np.savez(tmp_path / "d.npz", x=x)
+    need = 10 * 3 * 8 * 8 * max(4, np.dtype(dtype).itemsize)
+    monkeypatch.setattr(data_module, "MAX_DATA_BYTES", need)
+    assert tuple(load_data(str(tmp_path / "d.npz")).x.shape) == (10, 3, 8, 8)
+    monkeypatch.setattr(data_module, "MAX_DATA_BYTES", need - 1)
+    data_error(str(tmp_path / "d.npz"), r"x in .*d.npz: shape \(10, 3, 8, 8\) would take .* over the data budget")
+
+
+def test_npz_header_of_1e10_floats_refused_without_allocating(tmp_path: Path) -> None:
+    spec = forged_npz(tmp_path / "bomb.npz", x=forged_npy((100000, 100000)))
+    tracemalloc.start()
+    try:
+        err = data_error(spec, r"shape \(100000, 100000\) would take 37.3 GiB, over the data budget")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+    assert "NEPENTHE_MAX_DATA_BYTES" in str(err)
+
+
+@pytest.mark.parametrize(("shape", "descr", "match"), [
+    ((8, 3), "|O", "dtype object: object arrays are refused"),
+    ((-8, 3, 32, 32), "<f4", r"negative dimension \(-8, 3, 32, 32\)"),
+    ((10 ** 7, 3, 1000, 1000), "<f8", "over the data budget"),
+])
+def test_npz_headers_checked(tmp_path: Path, shape, descr: str, match: str) -> None:
+    data_error(forged_npz(tmp_path / "bomb.npz", x=forged_npy(shape, descr)), match)
+
+
+def test_npz_reads_only_x_and_y(tmp_path: Path) -> None:
+    """Other members are never read: a bomb beside x does not matter."""
+    x, y = RNG.standard_normal((4, 2)).astype(np.float32), np.arange(4)
+    buf_x, buf_y = io.BytesIO(), io.BytesIO()
+    np.save(buf_x, x)
+    np.save(buf_y, y)
+    spec = forged_npz(tmp_path / "d.npz", x=buf_x.getvalue(), y=buf_y.getvalue(),
+                      junk=forged_npy((100000, 100000)), obj=forged_npy((3,), "|O"))
+    ds = load_data(spec)
+    np.testing.assert_array_equal(ds.x.numpy(), x)
+    assert ds.y.tolist() == [0, 1, 2, 3]
+    data_error(forged_npz(tmp_path / "e.npz", data=buf_x.getvalue()), "no 'x' entry \\(found: data\\)")
+
+
+def test_npz_plain_npy_or_truncated_zip(tmp_path: Path) -> None:
+    np.save(tmp_path / "plain.npy", np.zeros(3))
+    (tmp_path / "plain.npz").write_bytes((tmp_path / "plain.npy").read_bytes())
+    data_error(str(tmp_path / "plain.npz"), "cannot read .* as .npz")
+    np.savez(tmp_path / "ok.npz", x=np.zeros((50, 3), np.float32))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "ok.npz").read_bytes()[:300])
+    data_error(str(tmp_path / "cut.npz"), "cannot read .* as .npz")
+
+
+def test_fifo_is_not_opened(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "d.npz")
+    os.mkfifo(tmp_path / "d.pt")
+    data_error(str(tmp_path / "d.npz"), "is not a regular file")  # opening it would block forever
+    data_error(str(tmp_path / "d.pt"), "is not a regular file")
+
+
+def test_pt_file_over_budget_never_unpickled(tmp_path: Path, monkeypatch) -> None:
+    torch.save({"x": torch.zeros(64, 3)}, tmp_path / "d.pt")
+    size = (tmp_path / "d.pt").stat().st_size
+    monkeypatch.setattr(data_module, "MAX_DATA_BYTES", size - 1)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called"))
+    data_error(str(tmp_path / "d.pt"), f"d.pt is {size / 1024:.3g} KiB, over the data budget")
+
+
+def test_pt_stride0_view_claiming_terabytes(tmp_path: Path) -> None:
+    torch.save({"x": torch.zeros(1, 1, 1, 1).expand(10 ** 6, 3, 1000, 1000)}, tmp_path / "d.pt")
+    assert (tmp_path / "d.pt").stat().st_size < 10_000
+    data_error(str(tmp_path / "d.pt"), r"x: shape \(1000000, 3, 1000, 1000\) would take 10.9 TiB")
+
+
+@pytest.mark.parametrize(("exc", "match"), [
+    (MemoryError(), "out of memory while loading it"),
+    (RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 40000000000 bytes.\nmore"),
+     "cannot load it: DefaultCPUAllocator: not enough memory: you tried to allocate 40000000000 bytes.$"),
+])
+def test_allocation_failures_become_one_line(tmp_path: Path, monkeypatch, exc, match: str) -> None:
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 2), np.float32))
+
+    def fail(*args):
+        raise exc
+
+    monkeypatch.setitem(SOURCES, "npz", dataclasses.replace(SOURCES["npz"], load=fail))
+    data_error(str(tmp_path / "d.npz"), match)
+
+
+@pytest.mark.parametrize("normalize", ["abc", [0.5], {"mean": "123", "std": [1, 1, 1]},
+                                       {"mean": [True], "std": [1]}, {"mean": [10 ** 400], "std": [1]},
+                                       {"mean": {1: 2}, "std": [1]}, {"mean": [None], "std": [1]}])
+def test_hostile_normalize(normalize) -> None:
+    msg = one_line_error("normalize must be", load_data, "digits", normalize=normalize)
+    assert len(msg) < 200
+
+
+# --------------------------------------------------------------------------- images: pixel cap, bombs
+
+def test_image_pixel_cap_checked_before_decoding(tmp_path: Path) -> None:
+    forged_png(tmp_path / "cls" / "big.png", 5000, 5000)  # under PIL's own limit; its data is truncated
+    err = data_error(str(tmp_path), "big.png is 5000x5000 pixels, over the limit of 16,777,216 pixels per image")
+    assert "truncated" not in str(err)
+
+
+@pytest.mark.parametrize("side", [10000, 30000])  # PIL's DecompressionBombWarning, then its Error
+def test_decompression_bombs(tmp_path: Path, side: int) -> None:
+    forged_png(tmp_path / "cls" / "bomb.png", side, side)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing may leak as a warning either
+        err = data_error(str(tmp_path), "bomb.png refused as a decompression bomb")
+    assert f"{side * side} pixels" in str(err)
+
+
+def test_images_without_input_shape_stay_within_the_budget(tmp_path: Path, monkeypatch) -> None:
+    for i in range(3):
+        write_png(tmp_path / "cls" / f"{i}.png", u8(4, 4, 3))
+    monkeypatch.setattr(data_module, "MAX_DATA_BYTES", 2 * 4 * 4 * 3 * 4)
+    data_error(str(tmp_path), "the first 3 images already take 576 bytes as float32, over the data budget")
+    monkeypatch.setattr(data_module, "MAX_DATA_BYTES", 3 * 4 * 4 * 3 * 4)
+    assert len(load_data(str(tmp_path))) == 3
+    data_error(str(tmp_path), r"3 images: shape \(3, 3, 5, 5\)", input_shape=(3, 5, 5))
+
+
+# --------------------------------------------------------------------------- image folder: bounded scan
+
+def test_scan_labels_like_torchvision(tmp_path: Path) -> None:
+    from torchvision.datasets import ImageFolder
+
+    image_tree(tmp_path)
+    write_png(tmp_path / "ant" / "UPPER.PNG", u8(6, 8, 3))
+    (tmp_path / "moth" / "notes.txt").write_text("not an image")
+    assert scan_image_folder(str(tmp_path)) == tuple(map(list, zip(*ImageFolder(str(tmp_path)).samples)))
+
+
+def test_root_slash_is_refused_after_two_listings(monkeypatch) -> None:
+    listed = []
+    real = os.scandir
+
+    def counting(path):
+        listed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", counting)
+    start = time.monotonic()
+    err = data_error("/", "is not an image folder: class folder '.*' holds no image files")
+    assert time.monotonic() - start < 5 and len(listed) == 2, listed
+    assert "DIR/<class>/<image>" in str(err)
+
+
+def test_nested_images_are_not_searched(tmp_path: Path) -> None:
+    """torchvision walks class folders recursively; this scan reads only their own files."""
+    write_png(tmp_path / "cls" / "sub" / "a.png", u8(4, 4, 3))
+    data_error(str(tmp_path), "class folder 'cls' holds no image files")
+
+
+def test_files_at_the_top_are_no_image_folder(tmp_path: Path) -> None:
+    write_png(tmp_path / "a.png", u8(4, 4, 3))
+    data_error(str(tmp_path), "it has no class sub-folders")
+
+
+def test_every_class_folder_needs_an_image(tmp_path: Path) -> None:
+    write_png(tmp_path / "a" / "1.png", u8(4, 4, 3))
+    (tmp_path / "b").mkdir()
+    data_error(str(tmp_path), "class folder 'b' holds no image files")
+
+
+def test_symlink_loop_inside_a_class_is_not_followed(tmp_path: Path) -> None:
+    write_png(tmp_path / "cls" / "a.png", u8(4, 4, 3))
+    (tmp_path / "cls" / "up").symlink_to("..", target_is_directory=True)
+    (tmp_path / "cls" / "down.png").symlink_to(tmp_path / "cls", target_is_directory=True)
+    ds = load_data(str(tmp_path))
+    assert len(ds) == 1 and ds.y.tolist() == [0]
+
+
+@pytest.mark.parametrize(("limit", "files", "match"), [
+    ("MAX_FOLDER_ENTRIES", {"a": 3, "b": 3}, "holds more than 6 entries in its class folders"),
+    ("MAX_CLASSES", {"a": 1, "b": 1, "c": 1}, "3 class folders \\(at most 2\\)"),
+])
+def test_scan_limits(tmp_path: Path, monkeypatch, limit: str, files: dict, match: str) -> None:
+    for cls, n in files.items():
+        for i in range(n):
+            write_png(tmp_path / cls / f"{i}.png", u8(2, 2, 3))
+    monkeypatch.setattr(data_module, limit, 2 if limit == "MAX_CLASSES" else 6)
+    data_error(str(tmp_path), match)
+
+
+def test_meta_calib_folder_takes_the_same_path(tmp_path: Path) -> None:
+    write_png(tmp_path / "cls" / "sub" / "a.png", u8(4, 4, 3))
+    msg = one_line_error("class folder 'cls' holds no image files", load_checkpoint_data,
+                         {"calib": str(tmp_path)}, None, where="ck.pt")
+    assert msg.startswith(f"data {str(tmp_path)!r}")
+
+
+# --------------------------------------------------------------------------- channels
+
+def test_channels_replicates_grey_before_normalising() -> None:
+    grey = load_data("digits")
+    mean, std = [0.1, 0.2, 0.3], [0.5, 1.0, 2.0]
+    rgb = load_data("digits", channels=3, normalize={"mean": mean, "std": std})
+    assert tuple(rgb.x.shape) == (1797, 3, 8, 8) and torch.equal(rgb.y, grey.y)
+    for c in range(3):
+        np.testing.assert_allclose(rgb.x[:, c].double().numpy(), (grey.x[:, 0].double().numpy() - mean[c]) / std[c],
+                                   rtol=0, atol=1e-6)
+    assert torch.equal(load_data("digits", channels=1).x, grey.x)  # already that many: unchanged
+
+
+def test_channels_meets_the_input_shape(tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", x=u8(4, 1, 5, 5))
+    data_error(str(tmp_path / "d.npz"), r"samples have 1 channel\(s\), input_shape expects 3 "
+                                        r"\(pass --channels 3 to replicate grey images\)", input_shape=(3, 5, 5))
+    ds = load_checkpoint_data({"calib": str(tmp_path / "d.npz"), "input_shape": [3, 5, 5], "channels": 3}, None,
+                              where="ck.pt")
+    assert tuple(ds.x.shape) == (4, 3, 5, 5) and torch.equal(ds.x[:, 0], ds.x[:, 2])
+
+
+@pytest.mark.parametrize(("x", "channels", "match"), [
+    (np.zeros((4, 2, 3, 3), np.float32), 3, r"only single-channel \(N, 1, ...\) data is replicated, these samples "
+                                            r"have shape \(2, 3, 3\)"),
+    (np.zeros((4, 1), np.float32), 3, "only single-channel"),
+    (np.zeros((4, 1, 3, 3), np.float32), 0, "channels must be a positive integer, got 0"),
+    (np.zeros((4, 1, 3, 3), np.float32), True, "channels must be a positive integer, got True"),
+    (np.zeros((4, 1, 3, 3), np.float32), "3", "channels must be a positive integer, got '3'"),
+    (np.zeros((4, 1, 3, 3), np.float32), 10 ** 12, r"x replicated to 1000000000000 channels: shape"),
+])
+def test_channels_errors(tmp_path: Path, x: np.ndarray, channels, match: str) -> None:
+    np.savez(tmp_path / "d.npz", x=x)
+    data_error(str(tmp_path / "d.npz"), match, channels=channels)

@@ -117,13 +117,16 @@ def checkpoint_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _parse_shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
     if value is None:
         return None
+    from nepenthe_compress.data import checked_input_shape
+
     try:
         shape = tuple(int(v) for v in value.replace("x", ",").split(","))
     except ValueError:
-        shape = ()
-    if not shape or min(shape) < 1:
-        raise click.BadParameter(f"expected positive integers like 3,32,32, got {value!r}")
-    return shape
+        raise click.BadParameter(f"expected positive integers like 3,32,32, got {value!r}") from None
+    try:
+        return checked_input_shape(shape, "--input-shape")
+    except UserError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 input_shape_option = click.option(
@@ -147,14 +150,22 @@ normalize_option = click.option(
          "(default: the checkpoint's own).")
 
 
+channels_option = click.option(
+    "--channels", type=click.IntRange(min=1), default=None, metavar="N",
+    help="Replicate single-channel data to N channels before normalising (e.g. 3: grey images for an "
+         "RGB model).")
+
+
 def data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--input-shape and --normalize: override what the checkpoint records about its inputs."""
-    return input_shape_option(normalize_option(fn))
+    """--input-shape, --normalize and --channels: override what the checkpoint records about its inputs."""
+    return input_shape_option(normalize_option(channels_option(fn)))
 
 
-def data_overrides(input_shape: tuple[int, ...] | None, normalize: dict | None) -> dict[str, Any]:
+def data_overrides(input_shape: tuple[int, ...] | None, normalize: dict | None,
+                   channels: int | None = None) -> dict[str, Any]:
     """The checkpoint-meta entries the user overrode (see :func:`data_options`)."""
-    return {k: v for k, v in (("input_shape", input_shape), ("normalize", normalize)) if v is not None}
+    return {k: v for k, v in (("input_shape", input_shape), ("normalize", normalize), ("channels", channels))
+            if v is not None}
 
 
 limit_option = click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most this many samples.")

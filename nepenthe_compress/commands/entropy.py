@@ -21,6 +21,7 @@ from nepenthe_compress.commands.common import (
 )
 from nepenthe_compress.data import iter_batches, load_checkpoint_data
 from nepenthe_compress.entropy import EntropyReport, measure_entropy
+from nepenthe_compress.fit import check_fit
 from nepenthe_compress.plot import plot_entropy, plot_format, site_labels
 
 
@@ -61,7 +62,8 @@ def entropy_table(report: EntropyReport) -> Table:
               help="Write the neuron-state figure here (.png, .svg or .pdf).")
 @leaf_option
 @user_errors
-def entropy(ckpt: str, load: LoadOptions, calib: str | None, input_shape: tuple[int, ...] | None, normalize: dict | None, limit: int | None,
+def entropy(ckpt: str, load: LoadOptions, calib: str | None, input_shape: tuple[int, ...] | None,
+            normalize: dict | None, channels: int | None, limit: int | None,
             batch_size: int, json_path: str | None, plot_path: str | None,
             leaf: tuple[str, ...]) -> None:
     """Measure, per activation site of CKPT, how many neurons never change state on calibration data.
@@ -73,8 +75,9 @@ def entropy(ckpt: str, load: LoadOptions, calib: str | None, input_shape: tuple[
         plot_format(plot_path)  # fail before the work, not after it
     loaded = load_checkpoint(ckpt, **load.as_kwargs())
     report_load(loaded)
-    meta = {**loaded.meta, **data_overrides(input_shape, normalize)}
+    meta = {**loaded.meta, **data_overrides(input_shape, normalize, channels)}
     data = load_checkpoint_data(meta, calib, where=ckpt, limit=limit)
+    check_fit(loaded.model, tuple(data.x.shape))
     report = measure_entropy(loaded.model, list(iter_batches(data.x, batch_size)), progress=True,
                              leaf_modules=leaf)
     out = out_console(json_path)

@@ -4,12 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-import torch
 from rich.table import Table
 from torch import Tensor
 
 from nepenthe_compress.checkpoint import LoadedCheckpoint, LoadOptions, load_checkpoint
 from nepenthe_compress.commands.common import (
+    channels_option,
     checkpoint_options,
     emit_json,
     input_shape_option,
@@ -18,9 +18,10 @@ from nepenthe_compress.commands.common import (
     report_load,
     user_errors,
 )
-from nepenthe_compress.data import load_data
+from nepenthe_compress.data import load_checkpoint_data, meta_input_shape, random_samples
 from nepenthe_compress.errors import UserError
 from nepenthe_compress.export import export_onnx, export_pt2
+from nepenthe_compress.fit import check_fit
 from nepenthe_compress.io import OutputSet
 from nepenthe_compress.onnx_depth import OnnxSummary, onnx_summary
 
@@ -28,15 +29,20 @@ EXAMPLE_SEED = 0
 
 
 def example_input(ck: LoadedCheckpoint, calib: str | None, input_shape: tuple[int, ...] | None,
-                  batch_size: int) -> Tensor:
-    """--calib data, else random N(0,1) of the known input shape, else the checkpoint's own calib data."""
-    shape = input_shape or ck.meta.get("input_shape")
-    spec = calib or (None if shape else ck.meta.get("calib"))
-    if spec:
-        return load_data(spec, normalize=ck.meta.get("normalize"), input_shape=shape, limit=batch_size).x
-    if shape:
-        return torch.randn((batch_size, *shape), generator=torch.Generator().manual_seed(EXAMPLE_SEED))
-    raise UserError(f"input shape of '{ck.path}' unknown: pass --input-shape C,H,W or --calib SRC")
+                  batch_size: int, channels: int | None = None) -> Tensor:
+    """--calib data, else random N(0,1) of the known input shape, else the checkpoint's own calib data;
+    checked to fit the model's first layer."""
+    shape = input_shape or meta_input_shape(ck.meta, str(ck.path))
+    if calib or (not shape and ck.meta.get("calib") is not None):
+        meta = {**ck.meta, "input_shape": shape, "channels": channels}
+        x = load_checkpoint_data(meta, calib, where=str(ck.path), limit=batch_size).x
+        check_fit(ck.model, tuple(x.shape))
+        return x
+    if not shape:
+        raise UserError(f"input shape of '{ck.path}' unknown: pass --input-shape C,H,W or --calib SRC")
+    x = random_samples(batch_size, shape, EXAMPLE_SEED)
+    check_fit(ck.model, tuple(x.shape), random=True)
+    return x
 
 
 def render_summary(paths: list[Path], summary: OnnxSummary) -> Table:
@@ -54,6 +60,7 @@ def render_summary(paths: list[Path], summary: OnnxSummary) -> Table:
 @click.argument("ckpt", type=click.Path(exists=True, dir_okay=False))
 @checkpoint_options
 @input_shape_option
+@channels_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="ONNX file to write [default: CKPT with suffix .onnx].")
 @click.option("--opset", type=click.IntRange(min=7), default=18, show_default=True, help="ONNX opset version.")
@@ -64,12 +71,12 @@ def render_summary(paths: list[Path], summary: OnnxSummary) -> Table:
 @json_option
 @user_errors
 def export(ckpt: str, load: LoadOptions, calib: str | None,
-           input_shape: tuple[int, ...] | None, output: str | None, opset: int, batch_size: int,
-           static_batch: bool, pt2: bool, json_path: str | None) -> None:
+           input_shape: tuple[int, ...] | None, channels: int | None, output: str | None, opset: int,
+           batch_size: int, static_batch: bool, pt2: bool, json_path: str | None) -> None:
     """Export checkpoint CKPT to ONNX (checked against torch in onnxruntime) and report its depth."""
     ck = load_checkpoint(ckpt, **load.as_kwargs())
     report_load(ck)
-    example = example_input(ck, calib, input_shape, batch_size)
+    example = example_input(ck, calib, input_shape, batch_size, channels)
     onnx_path = Path(output) if output else Path(ckpt).with_suffix(".onnx")
     paths = [onnx_path, onnx_path.with_suffix(".pt2")] if pt2 else [onnx_path]
     with OutputSet() as out:  # both files or neither

@@ -44,8 +44,8 @@ from nepenthe_compress.commands.common import (
 @leaf_option
 @json_option
 @user_errors
-def fold(checkpoint, load, calib, input_shape, normalize, outdir, merge, allow_inexact, approximate, keep_channels, holdout,
-         limit, batch_size, bench, repeats, pt2, leaf, json_path) -> None:
+def fold(checkpoint, load, calib, input_shape, normalize, channels, outdir, merge, allow_inexact, approximate,
+         keep_channels, holdout, limit, batch_size, bench, repeats, pt2, leaf, json_path) -> None:
     """Fold a pruned CHECKPOINT into a shallower ONNX model and prove it equivalent."""
     from nepenthe_compress.fold.graph import FoldOptions
     from nepenthe_compress.fold.pipeline import FoldRequest, fold_checkpoint
@@ -53,7 +53,7 @@ def fold(checkpoint, load, calib, input_shape, normalize, outdir, merge, allow_i
     req = FoldRequest(checkpoint, load, calib, outdir,
                       FoldOptions(merge, allow_inexact, approximate, not keep_channels), holdout, limit,
                       batch_size, bench, repeats, pt2, leaf,
-                      data_overrides(input_shape, normalize), progress=console.is_terminal)
+                      data_overrides(input_shape, normalize, channels), progress=console.is_terminal)
     with console.status("folding...") if console.is_terminal else _null():
         result = fold_checkpoint(req)
     print_notes(result.checkpoint_notes, result.checkpoint_warnings)

@@ -13,6 +13,7 @@ from nepenthe_compress.data import iter_batches, load_checkpoint_data, split
 from nepenthe_compress.entropy import EntropyReport, measure_entropy
 from nepenthe_compress.errors import FoldError
 from nepenthe_compress.export import export_onnx, export_pt2
+from nepenthe_compress.fit import check_fit
 from nepenthe_compress.fold.core import FoldedGraph, fold_graph
 from nepenthe_compress.fold.graph import FoldOptions
 from nepenthe_compress.fold.metrics import count_macs
@@ -38,7 +39,7 @@ class FoldRequest:
     bench_repeats: int = 20
     pt2: bool = True
     leaf_modules: tuple[str, ...] = ()
-    data_overrides: dict = field(default_factory=dict)  # input_shape / normalize over the checkpoint's
+    data_overrides: dict = field(default_factory=dict)  # input_shape / normalize / channels over the checkpoint's
     progress: bool = False
 
 
@@ -91,6 +92,7 @@ def fold_checkpoint(req: FoldRequest) -> FoldResult:
     """Load, measure, fold, verify (failure: FoldError, nothing written), export and report."""
     ck = load_checkpoint(req.checkpoint, **req.load.as_kwargs())
     data = load_checkpoint_data({**ck.meta, **req.data_overrides}, req.calib, where=str(ck.path), limit=req.limit)
+    check_fit(ck.model, tuple(data.x.shape))  # before any forward pass
     calib, held = split(data, req.holdout)
     model = ck.model.eval()
     pre_linear = list(ck.meta.get("linearised_sites", []))  # replaced by identity when pruned (EASIER)
