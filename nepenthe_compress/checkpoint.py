@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from nepenthe_compress import archs
 from nepenthe_compress.archs import build_model, import_path, infer_arch_kwargs, resolve_arch
 from nepenthe_compress.errors import CheckpointError
 from nepenthe_compress.io import atomic_path
@@ -82,7 +83,7 @@ class _Content:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     masks: dict[str, Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
-    own_format: bool = False
+    stored_hash: Any = ""       # this tool's format: the sha256 it was written with ("": none)
 
 
 def _first_line(e: BaseException) -> str:
@@ -226,21 +227,28 @@ def _own_format(obj: dict, path: Path) -> _Content:
     sd = _field(obj, "state_dict", dict, path)
     if not _is_state_dict(sd):
         raise CheckpointError(f"checkpoint '{path}' is malformed: 'state_dict' must map names to tensors")
+    kwargs = _field(obj, "arch_kwargs", dict, path)
+    if not all(isinstance(k, str) for k in kwargs):
+        raise CheckpointError(f"checkpoint '{path}' is malformed: 'arch_kwargs' keys must be strings")
     masks = _field(obj, "masks", dict, path)
     if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in masks.items()):
         raise CheckpointError(f"checkpoint '{path}' is malformed: 'masks' must map names to tensors")
-    content = _Content(sd, _field(obj, "arch", str, path), _field(obj, "arch_kwargs", dict, path), masks, meta,
-                       own_format=True)
-    if HASH_KEY in obj:
-        stored = obj[HASH_KEY]
-        try:
-            actual = content_hash(obj)
-        except (TypeError, ValueError, RuntimeError):  # content that cannot even be hashed
-            actual = None
-        if stored != actual:
-            raise CheckpointError(f"checkpoint '{path}' failed its integrity check: the content hash does not "
-                                  "match (the file was corrupted or modified after it was written)")
-    return content
+    return _Content(sd, _field(obj, "arch", str, path), kwargs, masks, meta, stored_hash=obj.get(HASH_KEY, ""))
+
+
+def _verify_hash(content: _Content, path: Path) -> None:
+    """This tool's files written with a hash must still match it (older files have none)."""
+    if content.stored_hash == "":
+        return
+    obj = {"arch": content.arch, "arch_kwargs": content.arch_kwargs, "meta": content.meta,
+           "state_dict": content.state_dict, "masks": content.masks}
+    try:
+        actual = content_hash(obj)
+    except (TypeError, ValueError, RuntimeError):  # content that cannot even be hashed
+        actual = None
+    if content.stored_hash != actual:
+        raise CheckpointError(f"checkpoint '{path}' failed its integrity check: the content hash does not "
+                              "match (the file was corrupted or modified after it was written)")
 
 
 def _parse(obj: Any, path: Path) -> _Content:
@@ -293,15 +301,30 @@ def normalise_state_dict(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict
     return _merge_prune_pairs(_strip_prefixes(dict(sd)))
 
 
+def _check_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    """Dense tensors whose logical size, all together, fits the model budget (a stride-0 view can
+    claim 1e12 elements over one stored value): checked before anything reads them element-wise."""
+    total = 0
+    for key, value in tensors.items():
+        if value.layout != torch.strided:
+            raise CheckpointError(f"checkpoint '{path}': tensor '{key[:80]}' is {value.layout}, expected a dense tensor")
+        total += value.numel() * value.element_size()
+    if total > archs.MAX_MODEL_BYTES:
+        raise CheckpointError(f"checkpoint '{path}': its tensors would take {total / 2**30:.3g} GiB, over the "
+                              f"{archs.MAX_MODEL_BYTES / 2**30:g} GiB model budget (NEPENTHE_MAX_MODEL_BYTES)")
+
+
 def _checked_masks(masks: dict[str, Any], sd: dict[str, Tensor], where: str) -> dict[str, Tensor]:
-    """Masks as bool tensors, each naming a state_dict entry of the same shape."""
+    """Masks as bool tensors, each naming a state_dict entry of the same shape and holding 0/1 only."""
     out: dict[str, Tensor] = {}
     for key, mask in masks.items():
         if key not in sd:
-            raise CheckpointError(f"{where}: mask '{key}' names no tensor of the state_dict")
+            raise CheckpointError(f"{where}: mask '{key[:80]}' names no tensor of the state_dict")
         if not isinstance(mask, Tensor) or mask.shape != sd[key].shape:
             shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
             raise CheckpointError(f"{where}: mask '{key}' has shape {shape}, weight {tuple(sd[key].shape)}")
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise CheckpointError(f"{where}: mask '{key}' holds values other than 0 and 1")
         out[key] = mask.detach().cpu() != 0
     return out
 
@@ -446,6 +469,8 @@ def load_checkpoint(path: str | os.PathLike, arch: str | None = None, arch_kwarg
         replace_with_identity(loaded.model, tuple(linearised_sites))
         return loaded
     content = _parse(obj, path)
+    _check_tensors({**content.state_dict, **{f"mask {k}": v for k, v in content.masks.items()}}, path)
+    _verify_hash(content, path)
     sd, masks = normalise_state_dict(content.state_dict)
     masks |= _checked_masks(content.masks, sd, f"checkpoint '{path}'")
     sd = _apply_masks(sd, masks)
