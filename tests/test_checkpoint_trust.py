@@ -177,3 +177,22 @@ def test_flipped_byte_in_tensor_data_is_caught(tmp_path: Path, source: nn.Module
     (tmp_path / "flipped.pt").write_bytes(buf.getvalue())
     message = _error(tmp_path / "flipped.pt")
     assert "failed its integrity check" in message or "NaN/Inf" in message
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda sd, m: sd.update({"fc.bias": torch.zeros(1).expand(10 ** 12)}), "over the 8 GiB model budget"),
+    (lambda sd, m: m.update({"fc.bias": torch.ones(1, dtype=torch.bool).expand(10 ** 12)}), "over the 8 GiB model budget"),
+    (lambda sd, m: sd.update({"fc.weight": sd["fc.weight"].to_sparse()}), "is torch.sparse_coo, expected a dense tensor"),
+    (lambda sd, m: m.update({"fc.weight": torch.full_like(sd["fc.weight"], 0.5)}), "mask 'fc.weight' holds values other than 0 and 1"),
+])
+def test_tensor_bombs_and_bad_masks_are_refused_before_reading(tmp_path: Path, source: nn.Module, change,
+                                                               words: str) -> None:
+    sd, masks = dict(source.state_dict()), {}
+    change(sd, masks)
+    torch.save(_raw(source, state_dict=sd, masks=masks), tmp_path / "m.pt")
+    assert words in _error(tmp_path / "m.pt")
+
+
+def test_kwargs_keys_must_be_strings(tmp_path: Path, source: nn.Module) -> None:
+    torch.save(_raw(source, arch_kwargs={**KWARGS, 1: 2}), tmp_path / "m.pt")
+    assert "'arch_kwargs' keys must be strings" in _error(tmp_path / "m.pt")
