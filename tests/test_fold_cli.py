@@ -113,8 +113,16 @@ def test_report_counts_the_engineered_sites_and_channels(default_run) -> None:
     assert report["sites"]["total"] == TOTAL_SITES
     assert report["sites"]["linearised"] == report["sites"]["zero_entropy"] == len(SITES)
     assert sorted(report["sites"]["linearised_by_fold"]) == SITES
-    assert report["channels_dropped"] == DEAD_CHANNELS
+    # layer2.0.conv1 has 16 outputs: 16 - 2 = 14 is no multiple of the default alignment 8, so both
+    # dead channels are kept back (--channel-align 1 drops them: test_outdir_inexact_merge_and_bench)
+    assert (report["channels_dropped"], report["channels_kept_for_alignment"]) == (0, DEAD_CHANNELS)
+    assert report["options"]["channel_align"] == 8
     assert not [e for e in report["events"] if e["action"] == "merge"]
+
+
+def test_table_shows_the_channels_kept_for_alignment(default_run) -> None:
+    res, _, _ = default_run
+    assert f"0 (+{DEAD_CHANNELS} kept for alignment to 8)" in res.output
 
 
 def test_report_depth_is_the_depth_of_the_written_files(default_run) -> None:
@@ -140,13 +148,15 @@ def test_report_equivalence_is_below_tolerance_and_true(saved: Saved, default_ru
 def test_outdir_inexact_merge_and_bench(saved: Saved, tmp_path: Path) -> None:
     ckpt = copy_to(saved, tmp_path / "ckpt")
     out = tmp_path / "out"
-    res = fold(str(ckpt), "-o", str(out), "--merge", "all", "--allow-inexact", "--bench", "--repeats", "2")
+    res = fold(str(ckpt), "-o", str(out), "--merge", "all", "--allow-inexact", "--bench", "--repeats", "2",
+               "--channel-align", "1")
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
     assert [p.name for p in ckpt.parent.iterdir()] == [ckpt.name]
     report = json.loads((out / f"{STEM}.report.json").read_text())
     # the two ON sites make layer1.0 and layer3.1 conv1 -> conv2 mergeable (inexactly): depth -2
     assert report["depth"]["after"] == onnx_depth(out / f"{STEM}.folded.onnx") == DEPTH - 2
+    assert (report["channels_dropped"], report["channels_kept_for_alignment"]) == (DEAD_CHANNELS, 0)
     assert report["equivalence"]["exact_claimed"] is False
     assert report["equivalence"]["calibration"]["max_rel"] > 1e-5
     rows = report["latency"]["rows"]

@@ -261,7 +261,11 @@ def test_fold_on_a_real_architecture(name: str, tmp_path: Path) -> None:
     assert {s.name for s in report.sites if s.zero_entropy} == case.sites
     assert sum(s.always()["OFF"] for s in report.sites if not s.zero_entropy) == case.dead
 
-    fold = fold_graph(case.model, report, case.x[:2], FoldOptions(merge="all"))
+    # channel_align=1: every engineered dead channel must go (this checks the drop logic; with the
+    # default alignment 8 these few dead channels of 128..512 would all be kept back, see
+    # test_fold_channels)
+    options = FoldOptions(merge="all", channel_align=1)
+    fold = fold_graph(case.model, report, case.x[:2], options)
     original = export_onnx(case.model, case.x[:2], tmp_path / "original.onnx")
     folded = export_onnx(fold.model, case.x[:2], tmp_path / "folded.onnx")
     with torch.no_grad():
@@ -269,7 +273,7 @@ def test_fold_on_a_real_architecture(name: str, tmp_path: Path) -> None:
     # the same fold on float64 copies: every rewrite is exact, so only float64 rounding remains
     # (regression: BN affines, slopes and channel constants were once stored in float32)
     model64, x64 = copy.deepcopy(case.model).double(), case.x.double()
-    fold64 = fold_graph(model64, measure_entropy(model64, [x64]), x64[:2], FoldOptions(merge="all"))
+    fold64 = fold_graph(model64, measure_entropy(model64, [x64]), x64[:2], options)
 
     # the CLI's rule: 1e-5, or 10x the original's own float32 rounding error when that is larger
     # (vgg11_bn's own float32-vs-float64 error is 1.5e-5 with torch 2.14's CPU kernels)

@@ -34,6 +34,9 @@ from nepenthe_compress.commands.common import (
 @click.option("--approximate", is_flag=True,
               help="Also linearise zero-entropy GELU/SiLU/Hardswish/ELU sites (approximate; error reported).")
 @click.option("--keep-channels", is_flag=True, help="Do not drop dead / constant channels.")
+@click.option("--channel-align", type=click.IntRange(min=1), default=8, show_default=True, metavar="N",
+              help="Keep channel counts left by drops multiples of N (onnxruntime's fast conv kernels "
+                   "need input channels in multiples of 4); 1 drops every constant channel.")
 @click.option("--holdout", type=float, default=0.2, show_default=True,
               help="Fraction of the data held out to check that the recorded states generalise.")
 @limit_option
@@ -45,13 +48,13 @@ from nepenthe_compress.commands.common import (
 @json_option
 @user_errors
 def fold(checkpoint, load, calib, input_shape, normalize, channels, outdir, merge, allow_inexact, approximate,
-         keep_channels, holdout, limit, batch_size, bench, repeats, pt2, leaf, json_path) -> None:
+         keep_channels, channel_align, holdout, limit, batch_size, bench, repeats, pt2, leaf, json_path) -> None:
     """Fold a pruned CHECKPOINT into a shallower ONNX model and prove it equivalent."""
     from nepenthe_compress.fold.graph import FoldOptions
     from nepenthe_compress.fold.pipeline import FoldRequest, fold_checkpoint
 
     req = FoldRequest(checkpoint, load, calib, outdir,
-                      FoldOptions(merge, allow_inexact, approximate, not keep_channels), holdout, limit,
+                      FoldOptions(merge, allow_inexact, approximate, not keep_channels, channel_align), holdout, limit,
                       batch_size, bench, repeats, pt2, leaf,
                       data_overrides(input_shape, normalize, channels), progress=console.is_terminal)
     with console.status("folding...") if console.is_terminal else _null():
@@ -76,7 +79,8 @@ def render(r, console=console) -> None:
     t.add_row("sites linearised", f"{r.sites['linearised']}/{r.sites['total']}"
               + (f" ({pre} already linear in the checkpoint)" if pre else ""))
     t.add_row("merges", str(sum(e["action"] == "merge" for e in r.events)))
-    t.add_row("channels dropped", str(r.channels_dropped))
+    kept, align = r.channels_kept_for_alignment, r.options["channel_align"]
+    t.add_row("channels dropped", f"{r.channels_dropped}" + (f" (+{kept} kept for alignment to {align})" if kept else ""))
     t.add_row("depth (weighted layers)", f"{r.depth['before']} -> {r.depth['after']}")
     t.add_row("parameters", f"{r.params['before']:,} -> {r.params['after']:,}")
     t.add_row("MACs / sample", f"{r.macs['before']:,} -> {r.macs['after']:,}")

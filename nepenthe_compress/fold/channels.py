@@ -3,8 +3,13 @@
 producer, through per-channel ops (rectifiers, affine maps, depthwise convs, pooling, flatten), and
 from every consumer, its constant folded into the consumers' bias (a border map for padded convs).
 Channels whose consumers are not all conv/linear layers, e.g. channels coupled through a residual
-add, are kept and the skip is reported."""
+add, are kept and the skip is reported. Some droppable channels are kept back so that the count left
+stays aligned for the runtime's blocked kernels (``FoldOptions.channel_align``, see ``aligned_count``)."""
 from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -27,14 +32,49 @@ from nepenthe_compress.fold.modules import ChannelAffine, conv_module, conv_spec
 from nepenthe_compress.sites import call_arg, classify_node
 
 
-def drop_constant_channels(fg: FoldGraph, stats: dict[str, SiteStats]) -> int:
-    """Drop every provably constant channel that can be dropped; returns how many were dropped."""
-    dropped = 0
+KEPT_META = "nc_kept_for_alignment"  # node.meta: constant channels kept back at the last visit
+
+
+class ChannelDrops(NamedTuple):
+    dropped: int = 0                # channels removed by this pass
+    kept_for_alignment: int = 0     # droppable channels the graph still holds for alignment
+
+
+def drop_constant_channels(fg: FoldGraph, stats: dict[str, SiteStats]) -> ChannelDrops:
+    """Drop every provably constant channel that can be dropped (keeping back what alignment needs).
+    The ``stats`` of sites whose channels are dropped are sliced alike, so a later pass sees the
+    same constants (and the channels kept back) again."""
+    dropped = kept = 0
     for node in list(fg.gm.graph.nodes):
         if getattr(node, "_erased", False) or not is_weighted(fg, node):
             continue
-        dropped += _drop_from(fg, node, stats)
-    return dropped
+        d, k = _drop_from(fg, node, stats)
+        dropped, kept = dropped + d, kept + k
+    return ChannelDrops(dropped, kept)
+
+
+def aligned_count(channels: int, droppable: int, align: int) -> int:
+    """How many of a producer's ``channels`` outputs to keep when ``droppable`` of them are constant.
+
+    The alignment of a count n is gcd(n, align): ``align`` itself for a multiple of it, else the
+    largest divisor of ``align`` dividing n (align 8: 56 -> 8, 60 -> 4, 58 -> 2, 57 -> 1). The count
+    kept is the smallest one in [channels - droppable, channels] of best alignment in that range, so
+
+    - whenever a multiple of ``align`` is in reach it is ceil((C - D) / align) * align
+      (64 with 13 droppable -> 56; 64 with 7 droppable -> 64, nothing dropped);
+    - it never exceeds C (no padding) and is never less aligned than C itself (C is in the range):
+      61 with 4 droppable -> 60 (a multiple of 4), 6 with 3 droppable -> 4, 58 with 1 droppable -> 58;
+    - ``align`` 1 keeps C - D (every droppable channel goes).
+    """
+    counts = range(channels - droppable, channels + 1)
+    best = max(math.gcd(n, align) for n in counts)
+    return next(n for n in counts if math.gcd(n, align) == best)
+
+
+def kept_back(consts: list[float | None], droppable: list[int], count: int) -> list[int]:
+    """``count`` of the ``droppable`` channels to keep anyway: those whose constant is 0 first
+    (dead rectifier neurons), then the others, each in channel order."""
+    return sorted(droppable, key=lambda i: (consts[i] != 0, i))[:count]
 
 
 def is_depthwise(fg: FoldGraph, node: fx.Node) -> bool:
@@ -159,18 +199,19 @@ def _run(fg: FoldGraph, op: fx.Node, x: Tensor) -> Tensor:
     return getattr(x, op.target)(*op.args[1:], **op.kwargs)
 
 
-def _drop_from(fg: FoldGraph, producer: fx.Node, stats: dict[str, SiteStats]) -> int:
+def _drop_from(fg: FoldGraph, producer: fx.Node, stats: dict[str, SiteStats]) -> tuple[int, int]:
+    """(channels dropped, droppable channels kept back for alignment) at ``producer``."""
     m = fg.module(producer)
     if is_conv2d(fg, producer) and m.groups != 1:
-        return 0
+        return 0, 0
     chain = _pointwise_chain(fg, producer)
     end = chain[-1] if chain else producer
     consts = _constants(fg, producer, chain, stats)
     drop = [i for i, c in enumerate(consts) if c is not None]
     if not drop:
-        return 0
+        return 0, 0
     if len(drop) == len(consts):
-        return 0  # the whole output is constant: constant propagation's job (fold/constants.py)
+        return 0, 0  # the whole output is constant: constant propagation's job (fold/constants.py)
     consumers = list(end.users)
     flattened = bool(chain) and is_flatten(fg, end)
     spread = fg.shape(end.args[0])[2:].numel() if flattened else 1  # features per channel
@@ -183,12 +224,26 @@ def _drop_from(fg: FoldGraph, producer: fx.Node, stats: dict[str, SiteStats]) ->
         why = ("coupled through a residual add" if any(u.target in ADD_FUNCTIONS for u in consumers)
                else f"consumers ({names}) are not all conv/linear layers")
         fg.record("skip", fg.label(producer), f"{len(drop)} constant channel(s) kept: {why}")
-        return 0
+        return 0, 0
+    align, total = fg.options.channel_align, len(consts)
+    count = aligned_count(total, len(drop), align)
+    back = kept_back(consts, drop, count - (total - len(drop)))
+    alignment = f"kept for {align}-alignment ({total - len(drop)} -> {count} kept)"
+    already = producer.meta.get(KEPT_META) == len(back)
+    producer.meta[KEPT_META] = len(back)
+    drop = sorted(set(drop) - set(back))
+    if not drop:
+        if not already:
+            fg.record("skip", fg.label(producer), f"{len(back)} constant channel(s) {alignment}")
+        return 0, len(back)
     keep = torch.ones(len(consts), dtype=torch.bool)
     keep[drop] = False
-    values = torch.tensor([consts[i] if i in drop else 0.0 for i in range(len(consts))], dtype=torch.float64)
+    values = torch.tensor([0.0 if keep[i] else consts[i] for i in range(len(consts))], dtype=torch.float64)
     _slice_producer(fg, producer, keep)
     for op in chain:
+        st = stats.get(op.name)
+        if st is not None and st.neurons == len(consts):
+            stats[op.name] = dataclasses.replace(st, counts=st.counts[keep.numpy()])
         if is_affine(fg, op):
             aff = fg.module(op)
             fg.set_module(op, ChannelAffine(aff.scale[keep], aff.shift[keep], aff.axis))
@@ -202,8 +257,9 @@ def _drop_from(fg: FoldGraph, producer: fx.Node, stats: dict[str, SiteStats]) ->
         _slice_consumer(fg, u, end, keep.repeat_interleave(spread), values.repeat_interleave(spread))
     nonzero = int((values != 0).sum())
     fg.record("drop", fg.label(producer), f"{len(drop)} constant channel(s) removed "
-              f"({len(drop) - nonzero} zero, {nonzero} folded into the consumers' bias)")
-    return len(drop)
+              f"({len(drop) - nonzero} zero, {nonzero} folded into the consumers' bias)"
+              + (f", {len(back)} {alignment}" if back else ""))
+    return len(drop), len(back)
 
 
 def _slice_producer(fg: FoldGraph, node: fx.Node, keep: Tensor) -> None:

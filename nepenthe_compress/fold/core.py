@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from nepenthe_compress.entropy import EntropyReport
 from nepenthe_compress.fold.chains import merge_chains
-from nepenthe_compress.fold.channels import drop_constant_channels
+from nepenthe_compress.fold.channels import ChannelDrops, drop_constant_channels
 from nepenthe_compress.fold.constants import propagate_constants
 from nepenthe_compress.fold.graph import FoldEvent, FoldGraph, FoldOptions
 from nepenthe_compress.fold.rules import apply_rules, linearise_sites
@@ -29,6 +29,7 @@ class FoldedGraph:
     sites_total: int
     linearised: list[str]        # site names replaced by linear maps
     channels_dropped: int
+    channels_kept_for_alignment: int = 0  # droppable channels kept so counts stay aligned
 
     def count(self, action: str) -> int:
         return sum(e.action == action for e in self.events)
@@ -49,20 +50,21 @@ def fold_graph(model: nn.Module, report: EntropyReport, example: Tensor,
     stats = report.by_name()
     fg = FoldGraph(gm, options)
     linearised = linearise_sites(fg, sites, stats)
-    dropped = 0
+    dropped = kept = 0
     with torch.no_grad():
         for _ in range(3):  # later rounds catch folds enabled by earlier drops and merges
             events = len(fg.log)
             apply_rules(fg)
             if propagate_constants(fg):
                 apply_rules(fg)
-            n = drop_constant_channels(fg, stats) if options.drop_channels else 0
-            if n:
-                dropped += n
+            drops = drop_constant_channels(fg, stats) if options.drop_channels else ChannelDrops()
+            kept = drops.kept_for_alignment  # the graph's state, not a sum over rounds
+            if drops.dropped:
+                dropped += drops.dropped
                 fg.gm.recompile()
                 propagate_shapes(fg.gm, example)
             merge_chains(fg)
             apply_rules(fg)
             if len(fg.log) == events:
                 break
-    return FoldedGraph(fg.finish(), fg.log, len(sites), linearised, dropped)
+    return FoldedGraph(fg.finish(), fg.log, len(sites), linearised, dropped, kept)

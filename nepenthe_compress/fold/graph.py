@@ -20,6 +20,11 @@ class FoldOptions:
     allow_inexact: bool = False    # make border-inexact conv merges (error is measured and reported)
     approximate: bool = False      # linearise smooth rectifiers (GELU, SiLU, ...): approximate
     drop_channels: bool = True     # remove dead (always-OFF) and constant channels
+    channel_align: int = 8         # channel counts left by drops stay multiples of this (1: drop all)
+
+    def __post_init__(self) -> None:
+        if self.channel_align < 1:
+            raise ValueError(f"channel_align must be >= 1, not {self.channel_align}")
 
 
 @dataclass

@@ -52,6 +52,7 @@ class FoldResult:
     sites: dict
     events: list[dict]
     channels_dropped: int
+    channels_kept_for_alignment: int
     depth: dict
     params: dict
     macs: dict
@@ -125,6 +126,7 @@ def fold_checkpoint(req: FoldRequest) -> FoldResult:
                    "zero_entropy": len(report.zero_entropy_sites)},
             events=[e.to_dict() for e in folded.events],
             channels_dropped=folded.channels_dropped,
+            channels_kept_for_alignment=folded.channels_kept_for_alignment,
             depth={"before": onnx_depth(staged["original_onnx"]), "after": onnx_depth(staged["onnx"])},
             params={"before": onnx_param_count(staged["original_onnx"]), "after": onnx_param_count(staged["onnx"])},
             macs={"before": count_macs(model, example), "after": count_macs(folded.model, example)},
