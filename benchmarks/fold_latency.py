@@ -1,24 +1,28 @@
-"""onnxruntime CPU latency of original vs folded models under each ``--merge`` mode (none/auto/all).
+"""onnxruntime CPU latency of original vs folded models under each ``--merge`` mode (none/auto/all)
+and channel alignment (``channel_align`` 8, the default, vs 1: every dead channel dropped).
 
 Three engineered models (fixed seeds, random weights, BatchNorm statistics calibrated on the random
 calibration batch so every unengineered rectifier is mixed):
 
 - cifar_resnet18 (3x32x32): the inner ReLUs of layer1.0 / layer2.1 / layer3.1 always ON (their
-  3x3 -> 3x3 merges are border-inexact, so never made) and a quarter of every block's inner
-  channels dead;
+  3x3 -> 3x3 merges are border-inexact, so never made) and a quarter plus 3 of every block's inner
+  channels dead (64 -> 45 left: misaligned, as real pruning outcomes are; align 8 keeps 48);
 - cifar_mobilenet_v2 (3x32x32): inverted residual blocks 3, 6, 9 and 13 fully LINEAR and a quarter
-  of the depthwise channels of blocks 2, 4, 8, 12 and 15 dead;
+  plus 3 of the depthwise channels of blocks 2, 4, 8, 12 and 15 dead (144 -> 105 / 112 left);
 - a transformer MLP stack on (64, 96) tokens: 4 x [x + fc2(ReLU(fc1(LayerNorm(x))))], 96 -> 384 ->
   96, every ReLU always ON.
 
 The last BN of every residual branch is scaled by 0.1 (a near-identity residual stream keeps the
 random nets well-conditioned, so float32 equivalence errors stay below 1e-5 as for trained nets).
-Each model is measured, folded three ways (checked against the original, max|diff|/max|ref|),
-exported, and every ONNX file is timed with ``nepenthe_compress.bench.compare_latency``: 2 threads,
-batch 1 and 32, all models of one architecture interleaved in every repeat, medians. The table
-shows milliseconds and the ratio original / folded (> 1: the folded model is faster).
+Each model is measured, folded once per (merge mode, alignment) variant (checked against the
+original, max|diff|/max|ref|), exported, and every ONNX file is timed with
+``nepenthe_compress.bench.compare_latency``: 2 threads, batch 1 and 32, all variants of one
+architecture interleaved in every repeat, medians. The table shows milliseconds with the
+interquartile range of the repeats, the ratio original / folded (> 1: the folded model is faster)
+and the MAC ratio original / folded (the speed-up a MAC-bound runtime would reach).
 
     python benchmarks/fold_latency.py [--repeats 60] [--threads 2] [--models resnet18,mobilenet_v2,mlp]
+                                      [--modes none,auto,all] [--aligns 8,1]
 """
 from __future__ import annotations
 
@@ -39,10 +43,13 @@ from nepenthe_compress.entropy import measure_entropy
 from nepenthe_compress.export import export_onnx
 from nepenthe_compress.fold.core import FoldedGraph, fold_graph
 from nepenthe_compress.fold.graph import FoldOptions
+from nepenthe_compress.fold.metrics import count_macs
 from nepenthe_compress.onnx_depth import onnx_depth
 from nepenthe_compress.verify import verify_equivalence
 
 MODES = ("none", "auto", "all")
+ALIGNS = (8, 1)
+MISALIGN = 3  # dead channels beyond the engineered fraction: the count left is odd
 NORM = nn.modules.batchnorm._BatchNorm
 
 
@@ -58,7 +65,7 @@ def _channels(m: nn.Module, t: Tensor) -> Tensor:
 def calibrate_and_pin(model: nn.Module, x: Tensor, pins: dict[nn.Module, tuple[str, float]]) -> None:
     """One eval pass: every BN's running stats from its own input; then each pinned BN / Linear
     output is shifted (``("on", 0)``: min >= 1; ``("linear6", 0)``: squeezed into [1, 5] for ReLU6;
-    ``("dead", fraction)``: that leading fraction of channels constant -1)."""
+    ``("dead", fraction)``: that leading fraction of channels plus MISALIGN constant -1)."""
     def stats(bn, args):
         z = _channels(bn, args[0])
         bn.running_mean.copy_(z.mean(1))
@@ -75,7 +82,7 @@ def calibrate_and_pin(model: nn.Module, x: Tensor, pins: dict[nn.Module, tuple[s
             scale = 4 / (hi - lo)
             shift = 1 - scale * lo
         else:
-            k = int(len(lo) * fraction)
+            k = int(len(lo) * fraction) + MISALIGN
             scale[:k], shift[:k] = 0.0, -1.0
         m.weight.mul_(scale if isinstance(m, NORM) else scale[:, None])
         m.bias.mul_(scale).add_(shift)
@@ -150,34 +157,45 @@ def mlp() -> Bench:
 MODELS: dict[str, Callable[[], Bench]] = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2, "mlp": mlp}
 
 
-# ---- run --------------------------------------------------------------------------------------------
+# ---- run ----------------------------------------------------------------------------------------
 
-def fold_all(b: Bench) -> dict[str, FoldedGraph]:
+@dataclass(frozen=True)
+class Variant:
+    mode: str
+    align: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.mode} a{self.align}"
+
+
+def fold_all(b: Bench, variants: list[Variant]) -> dict[str, FoldedGraph]:
     report = measure_entropy(b.model, [b.x])
-    return {mode: fold_graph(b.model, report, b.x[:2], FoldOptions(merge=mode)) for mode in MODES}
+    return {v.name: fold_graph(b.model, report, b.x[:2], FoldOptions(merge=v.mode, channel_align=v.align))
+            for v in variants}
 
 
 def summary(name: str, b: Bench, folds: dict[str, FoldedGraph], paths: dict[str, Path]) -> list[str]:
     lines = []
-    for mode, f in folds.items():
+    for variant, f in folds.items():
         err = verify_equivalence(b.model, f.model, [b.x]).max_rel
-        lines.append(f"  {name} {mode:4}: sites linearised {len(f.linearised)}/{f.sites_total}, "
-                     f"channels dropped {f.channels_dropped}, merges {f.count('merge')}, depth "
-                     f"{onnx_depth(paths['original'])} -> {onnx_depth(paths[mode])}, max rel err {err:.1e}")
+        lines.append(f"  {name} {variant:7}: sites linearised {len(f.linearised)}/{f.sites_total}, "
+                     f"channels dropped {f.channels_dropped} (+{f.channels_kept_for_alignment} kept for "
+                     f"alignment), merges {f.count('merge')}, depth {onnx_depth(paths['original'])} -> "
+                     f"{onnx_depth(paths[variant])}, max rel err {err:.1e}")
     return lines
 
 
-def table_rows(name: str, table: LatencyTable) -> list[str]:
-    """One line per batch size: median ms (interquartile range) and original / folded."""
+def table_rows(name: str, table: LatencyTable, macs: dict[str, float]) -> list[str]:
+    """One line per model variant: MAC ratio, then per batch size median ms (interquartile range)
+    and original / folded."""
+    batches = sorted({r.batch for r in table.rows})
     rows = []
-    for batch in sorted({r.batch for r in table.rows}):
-        row = {r.model: r for r in table.rows if r.batch == batch}
-
-        def ms(model: str) -> str:
-            return f"{row[model].median_s * 1e3:9.3f} ({row[model].iqr_s * 1e3:6.3f})"
-
-        cells = [f"{name:13} {batch:5d}", ms("original")]
-        cells += [f"{ms(m)} {row[m].speedup:4.2f}x" for m in MODES]
+    for variant in dict.fromkeys(r.model for r in table.rows):
+        cells = [f"{name:13} {variant:9}", f"{macs[variant]:5.2f}x" if variant != "original" else " " * 6]
+        for batch in batches:
+            r = next(r for r in table.rows if r.model == variant and r.batch == batch)
+            cells.append(f"{r.median_s * 1e3:9.3f} ({r.iqr_s * 1e3:6.3f}) {r.speedup:4.2f}x")
         rows.append("  ".join(cells))
     return rows
 
@@ -187,34 +205,40 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--aligns", default=",".join(map(str, ALIGNS)))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    variants = [Variant(m, int(a)) for m in args.modes.split(",") for a in args.aligns.split(",")]
+    batches = (1, 32)
     start = time.perf_counter()
-    header = (f"{'model':13} {'batch':>5}  {'original ms (iqr)':>18}  " +
-              "  ".join(f"{mode + ' ms (iqr) ratio':>24}" for mode in MODES))
+    header = f"{'model':13} {'variant':9}  {'MACs':>6}  " + "  ".join(
+        f"{f'batch {b}: ms (iqr) ratio':>28}" for b in batches)
     rows, notes, slower = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             b = MODELS[name]()
-            folds = fold_all(b)
+            folds = fold_all(b, variants)
             example = b.x[:2]
+            base_macs = count_macs(b.model, example)
+            macs = {v: base_macs / count_macs(f.model, example) for v, f in folds.items()}
             paths = {"original": export_onnx(b.model, example, Path(tmp) / f"{name}.onnx")}
-            paths |= {mode: export_onnx(f.model, example, Path(tmp) / f"{name}.{mode}.onnx")
-                      for mode, f in folds.items()}
+            paths |= {v: export_onnx(f.model, example, Path(tmp) / f"{name}.{v.replace(' ', '_')}.onnx")
+                      for v, f in folds.items()}
             notes += summary(name, b, folds, paths)
-            table = compare_latency(paths, tuple(b.x.shape[1:]), batches=(1, 32), threads=args.threads,
+            table = compare_latency(paths, tuple(b.x.shape[1:]), batches=batches, threads=args.threads,
                                     repeats=args.repeats)
-            rows += table_rows(name, table)
-            slower += [f"  {name} batch {r.batch}: auto takes {1 / r.speedup:.2f}x the original's time "
+            rows += table_rows(name, table, macs)
+            slower += [f"  {name} {r.model} batch {r.batch}: {1 / r.speedup:.2f}x the original's time "
                        f"(iqr {r.iqr_s * 1e3:.3f} ms)"
-                       for r in table.rows if r.model == "auto" and r.speedup < 1]
+                       for r in table.rows if r.model != "original" and r.speedup < 1]
     print(f"onnxruntime CPU, {args.threads} threads, {args.repeats} interleaved repeats: median ms "
-          f"(interquartile range); ratio = original / folded median")
+          f"(interquartile range); ratio = original / folded median; MACs = original / folded")
     print(header)
     print("\n".join(rows))
     print("folds:")
     print("\n".join(notes))
-    print("auto slower than the original:" if slower else "auto is not slower than the original anywhere")
+    print("slower than the original:" if slower else "no variant is slower than the original")
     if slower:
         print("\n".join(slower))
     print(f"total {time.perf_counter() - start:.0f} s")
