@@ -17,6 +17,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import traceback
 import zipfile
 import zlib
@@ -38,6 +39,7 @@ SHAPE = (3, 32, 32)
 SAMPLES = 8
 MEMORY_HEADROOM = 6 * 2**30   # address space a case may add to the test process before allocations fail
 DEADLINE_S = 60               # a case still running after this long has hung
+MAX_ERROR_LINE = 2000         # characters: a file's 10 MB string must not flood the terminal
 
 
 # ---- models and checkpoints ---------------------------------------------------------------------
@@ -179,6 +181,25 @@ def onnx_model(path: Path, in_features: int = 16, out_features: int = 4, inputs:
     return path
 
 
+def onnx_constant_of_shape(path: Path, shape: tuple[int, ...], in_features: int = 16) -> Path:
+    """A valid single-input model whose output ``x[:, :1] * ConstantOfShape(shape)`` asks the runtime
+    for ``prod(shape)`` floats: no header reveals it, only running it does."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = [numpy_helper.from_array(np.array(shape, np.int64), "shape"),
+             *(numpy_helper.from_array(np.array([v], np.int64), n) for n, v in (("zero", 0), ("one", 1)))]
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+             helper.make_node("Slice", ["x0", "zero", "one", "one"], ["first"]),
+             helper.make_node("Mul", ["first", "big"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x0", TensorProto.FLOAT, ["N", in_features])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
 def rewrite_zip(src: Path, dst: Path, change: Callable[[str, bytes], tuple[str, bytes] | None]) -> Path:
     """Copy the zip ``src`` to ``dst`` with every entry passed through ``change`` (None drops it)."""
     with zipfile.ZipFile(src) as z:
@@ -219,6 +240,7 @@ class Outcome:
     stdout: str
     stderr: str
     exception: str = ""        # formatted traceback of an exception that escaped the command
+    native_stderr: str = ""    # what native code (onnxruntime, torch's C++ logs) wrote to fd 2 in process
 
 
 class Hung(BaseException):
@@ -245,6 +267,21 @@ def _address_space() -> int:
 
 
 @contextlib.contextmanager
+def native_stderr() -> Iterator[Callable[[], str]]:
+    """Send file descriptor 2 to a temporary file: in process, click captures ``sys.stderr`` but not
+    what native libraries write straight to the descriptor, which a user's terminal shows all the same."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lambda: (sink.seek(0), sink.read().decode(errors="replace"))[1]
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@contextlib.contextmanager
 def memory_cap(headroom: int = MEMORY_HEADROOM) -> Iterator[None]:
     """Make allocations beyond ``headroom`` fail (as on a small machine) instead of swapping or
     being OOM-killed: the cases are memory bombs, and CI machines differ in RAM."""
@@ -268,15 +305,16 @@ def invoke(argv: list[str], seconds: int = DEADLINE_S) -> Outcome:
         runner = CliRunner(mix_stderr=False)  # click < 8.2
     except TypeError:
         runner = CliRunner()
-    with memory_cap(), deadline(seconds):
+    with native_stderr() as native, memory_cap(), deadline(seconds):
         try:
             result = runner.invoke(main, [str(a) for a in argv], catch_exceptions=True)
         except Hung as e:
-            return Outcome(None, "", "", f"Hung: {e}")
+            return Outcome(None, "", "", f"Hung: {e}", native())
+        written = native()
     exception = ""
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         exception = "".join(traceback.format_exception(*result.exc_info)) if result.exc_info else repr(result.exception)
-    return Outcome(result.exit_code, result.stdout, result.stderr, exception)
+    return Outcome(result.exit_code, result.stdout, result.stderr, exception, written)
 
 
 def _cap_child(headroom: int) -> Callable[[], None]:
@@ -342,6 +380,13 @@ def clean_failure_problems(outcome: Outcome, before: dict[str, tuple[int, int]],
             problems.append(f"{len(error_lines)} 'error:' lines on stderr (expected 1)")
     if "Traceback" in outcome.stdout + outcome.stderr:
         problems.append("a traceback was printed")
+    native = _lines(outcome.native_stderr)
+    if native:
+        problems.append(f"{len(native)} line(s) written to stderr by native code, e.g. {native[0][:200]!r}")
+    if "\x1b" in outcome.stderr:
+        problems.append("a terminal escape sequence reached stderr")
+    if any(len(line) > MAX_ERROR_LINE for line in error_lines):
+        problems.append(f"an error line of {max(map(len, error_lines)):,} characters (limit {MAX_ERROR_LINE})")
     if only_error_line and len(err) != 1:
         problems.append(f"{len(err)} non-empty stderr lines (expected only the error line)")
     if marker.exists():
@@ -366,6 +411,8 @@ def report(case_id: str, argv: list[str], outcome: Outcome, problems: list[str],
     out = _lines(outcome.stdout)[-3:]
     if out:
         parts += ["  stdout (last lines):", *(f"    | {line}" for line in out)]
+    if outcome.native_stderr:
+        parts += ["  native stderr (first lines):", *(f"    | {line[:300]}" for line in _lines(outcome.native_stderr)[:3])]
     if outcome.exception and not outcome.exception.startswith("Hung"):
         parts += ["  exception (last lines):", *(f"    | {line}" for line in _lines(outcome.exception)[-4:])]
     return "\n".join(parts)

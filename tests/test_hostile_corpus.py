@@ -31,6 +31,7 @@ from hostile import (
     forged_png,
     invoke,
     legacy_pickle_payload,
+    onnx_constant_of_shape,
     onnx_model,
     pt2_with_pickled_weight,
     raw_checkpoint,
@@ -228,6 +229,10 @@ CONTENT: dict[str, CkptBuilder] = {
                                                      lambda n, d: (n, d[:3]) if "/data/" in n else (n, d)),
     "a-directory": lambda ws: _mkdir(ws.inp / "model.pt"),
     "missing-file": lambda ws: ws.inp / "nothing-here.pt",
+    "symlink-to-dev-zero": lambda ws: _link(ws.inp / "model.pt", "/dev/zero"),
+    "name-with-newline": lambda ws: _write(ws.inp / "evil\nerror: all fine.pt", b"not a checkpoint"),
+    "arch-terminal-escapes": lambda ws: ws.ckpt(arch="\x1b[2J\x1b]0;owned\x07resnet\nerror: all fine"),
+    "arch-10MB-string": lambda ws: ws.ckpt(arch="r" * 10_000_000),
 }
 
 SHAPES: dict[str, CkptBuilder] = {
@@ -289,6 +294,11 @@ META_SAMPLE = ("meta-input_shape-huge", "meta-input_shape-strings", "meta-calib-
 
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
+    return path
+
+
+def _link(path: Path, target: str) -> Path:
+    path.symlink_to(target)
     return path
 
 
@@ -381,6 +391,8 @@ DATA: dict[str, DataBuilder] = {
     "cifar-root-missing": lambda ws: f"cifar10:{ws.inp / 'none'}",
     "cifar-batch-payload": lambda ws: _cifar_payload(ws),
     "unknown-suffix": lambda ws: str(_write(ws.inp / "d.csv", b"1,2,3\n")),
+    "npz-symlink-dev-zero": lambda ws: str(_link(ws.inp / "d.npz", "/dev/zero")),
+    "pt-symlink-dev-zero": lambda ws: str(_link(ws.inp / "d.pt", "/dev/zero")),
 }
 NEEDS_RECORDED_SHAPE = {"npz-x-16x16"}   # a fully convolutional model takes 16x16 inputs when nothing says 32x32
 
@@ -564,6 +576,7 @@ MODEL_FILES: dict[str, Callable[[Ws], Path]] = {
     "onnx-empty": lambda ws: _write(ws.inp / "m.onnx", b""),
     "onnx-huge-fixed-dims": lambda ws: onnx_model(ws.inp / "m.onnx", in_features=16,
                                                   input_dims=[1, 16, 100000, 100000]),
+    "onnx-runtime-allocation-bomb": lambda ws: onnx_constant_of_shape(ws.inp / "m.onnx", (1, 10 ** 11)),
 }
 
 
@@ -618,10 +631,55 @@ PT2: dict[str, Callable[[Ws, Path], Path]] = {
 }
 
 
-@pytest.mark.parametrize("name", list(PT2))
-def test_hostile_pt2_is_a_clean_error(ws: Ws, valid_pt2: Path, name: str) -> None:
+PT2_PAYLOADS = ("pt2-pickled-weight-payload",)   # --trust-pickle runs it, by design
+
+
+@pytest.mark.parametrize("name, trust", [pytest.param(n, t, id=f"{n}{'+trust' if t else ''}")
+                                         for n in PT2 for t in (False, True) if not (t and n in PT2_PAYLOADS)])
+def test_hostile_pt2_is_a_clean_error(ws: Ws, valid_pt2: Path, name: str, trust: bool) -> None:
     model = PT2[name](ws, valid_pt2)
-    check(ws, f"verify:{name}", ["verify", model, model, "--input-shape", "3,8,8", "--limit", "4"])
+    check(ws, f"verify:{name}", ["verify", model, model, "--input-shape", "3,8,8", "--limit", "4"]
+          + (["--trust-pickle"] if trust else []))
+
+
+TRUSTED: dict[str, CkptBuilder] = {
+    "module-truncated": lambda ws: _write(ws.inp / "m.pt", _module_bytes()[:2000]),
+    "module-data-truncated": lambda ws: _write(ws.inp / "m.pt", _module_bytes()[:-3000]),
+    "not-a-module": lambda ws: save({"model": {1, 2, 3}}, ws.inp / "m.pt"),
+    "missing-package": lambda ws: _missing_package_pickle(ws.inp / "m.pt"),
+}
+
+
+def _module_bytes() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(small_model(), buf)
+    return buf.getvalue()
+
+
+def _missing_package_pickle(path: Path) -> Path:
+    """A whole pickled module whose class lives in a package that is gone by load time."""
+    import sys
+    import types
+
+    from torch import nn
+
+    pkg = types.ModuleType("vanished_pkg")
+    net = type("Net", (nn.Sequential,), {"__module__": "vanished_pkg"})
+    pkg.Net = net
+    sys.modules["vanished_pkg"] = pkg
+    try:
+        save(net(nn.Linear(4, 2)), path)
+    finally:
+        del sys.modules["vanished_pkg"]
+    return path
+
+
+@pytest.mark.parametrize("name", list(TRUSTED))
+def test_trusted_but_broken_pickles_are_a_clean_error(ws: Ws, name: str) -> None:
+    check(ws, f"entropy+trust:{name}", ["entropy", TRUSTED[name](ws), "--trust-pickle", "--calib", ws.data,
+                                        "--input-shape", "3,32,32"])
 
 
 # ---- outputs -----------------------------------------------------------------------------------------------
@@ -722,9 +780,9 @@ def test_real_process_fails_cleanly_and_in_time(ws: Ws, case: str) -> None:
 
 def test_corrupt_pt2_prints_only_the_error_line(ws: Ws, valid_pt2: Path) -> None:
     """torch's own warnings about a bad archive must not reach the user around the error line."""
-    model = PT2["pt2-truncated"](ws, valid_pt2)
-    check(ws, "verify:pt2-truncated(process)", ["verify", model, model, "--input-shape", "3,8,8"],
-          process=True, only_error_line=True)
+    model = PT2["pt2-weight-short"](ws, valid_pt2)
+    check(ws, "verify:pt2-weight-short+trust(process)", ["verify", model, model, "--input-shape", "3,8,8",
+                                                         "--trust-pickle"], process=True, only_error_line=True)
 
 
 def test_folded_pt2_embeds_no_calibration_sample(ws: Ws) -> None:
