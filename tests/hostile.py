@@ -181,6 +181,19 @@ def onnx_model(path: Path, in_features: int = 16, out_features: int = 4, inputs:
     return path
 
 
+def onnx_pool(path: Path, dims: list[Any]) -> Path:
+    """``GlobalAveragePool`` over an input whose declared ``dims`` may be fixed and huge."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("GlobalAveragePool", ["x0"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x0", TensorProto.FLOAT, dims)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*dims[:2], 1, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
 def onnx_constant_of_shape(path: Path, shape: tuple[int, ...], in_features: int = 16) -> Path:
     """A valid single-input model whose output ``x[:, :1] * ConstantOfShape(shape)`` asks the runtime
     for ``prod(shape)`` floats: no header reveals it, only running it does."""

@@ -33,6 +33,7 @@ from hostile import (
     legacy_pickle_payload,
     onnx_constant_of_shape,
     onnx_model,
+    onnx_pool,
     pt2_with_pickled_weight,
     raw_checkpoint,
     real_png,
@@ -507,6 +508,14 @@ def test_hostile_command_line_values_are_a_clean_error(ws: Ws, case: str) -> Non
     check(ws, case, ARGS[case](ws))
 
 
+def test_prune_refuses_an_arch_kw_bomb_for_its_size(ws: Ws) -> None:
+    """The refusal must come from the model budget, not from failing to parse a well-formed --arch-kw."""
+    argv = [str(a) for a in ARGS["prune:arch-kw-bomb"](ws)]
+    outcome = invoke(argv)
+    assert "would allocate more than" in outcome.stderr, report("prune:arch-kw-bomb", argv, outcome,
+                                                                 ["not refused for its size"])
+
+
 # ---- prune --resume: the run folder's state file is data too ---------------------------------------------
 
 def _resume_argv(ws: Ws, init: Path) -> list[Any]:
@@ -533,7 +542,8 @@ def _round(checkpoint: str, **changes: Any) -> dict[str, Any]:
 RESUME: dict[str, Callable[[Ws, Path], None]] = {
     "state-not-json": lambda ws, init: _state_file(ws, init, None, text="{not json"),
     "rounds-not-a-list": lambda ws, init: _state_file(ws, init, "round_00.pt"),
-    "round-wrong-fields": lambda ws, init: _state_file(ws, init, [{"evil": 1, "checkpoint": "init.pt"}]),
+    "round-wrong-fields": lambda ws, init: (save(raw_checkpoint(ws.sd), ws.out / "round_00.pt"),
+                                            _state_file(ws, init, [{"evil": 1, "checkpoint": "round_00.pt"}])),
     "round-checkpoint-not-a-string": lambda ws, init: _state_file(ws, init, [_round(["x"])]),
     "round-checkpoint-is-payload": lambda ws, init: (
         save(raw_checkpoint(ws.sd, arch="os:system", arch_kwargs={"command": _touch(ws)}), ws.out / "round_00.pt"),
@@ -574,18 +584,21 @@ MODEL_FILES: dict[str, Callable[[Ws], Path]] = {
     "onnx-truncated": lambda ws: _write(ws.inp / "m.onnx", onnx_model(ws.inp / "t.onnx").read_bytes()[:40]),
     "onnx-not-onnx": lambda ws: _write(ws.inp / "m.onnx", b"this is not a protobuf \xff\xfe" * 8),
     "onnx-empty": lambda ws: _write(ws.inp / "m.onnx", b""),
-    "onnx-huge-fixed-dims": lambda ws: onnx_model(ws.inp / "m.onnx", in_features=16,
-                                                  input_dims=[1, 16, 100000, 100000]),
+    "onnx-huge-fixed-dims": lambda ws: onnx_pool(ws.inp / "m.onnx", [1, 16, 100000, 100000]),
     "onnx-runtime-allocation-bomb": lambda ws: onnx_constant_of_shape(ws.inp / "m.onnx", (1, 10 ** 11)),
 }
+
+
+TAKES_SHAPE_FROM_FILE = ("onnx-huge-fixed-dims",)
 
 
 @pytest.mark.parametrize("verb, name", _grid(MODEL_FILES, ["bench", "verify"]))
 def test_hostile_onnx_is_a_clean_error(ws: Ws, verb: str, name: str) -> None:
     model = MODEL_FILES[name](ws)
     argv = {"bench": ["bench", model, "--repeats", "1", "--warmup", "0", "--batch", "1"]
-            + ([] if name == "onnx-huge-fixed-dims" else ["--input-shape", "16"]),
-            "verify": ["verify", model, model, "--input-shape", "16", "--limit", "4"]}[verb]
+            + ([] if name in TAKES_SHAPE_FROM_FILE else ["--input-shape", "16"]),
+            "verify": ["verify", model, model, "--limit", "4"]
+            + ([] if name in TAKES_SHAPE_FROM_FILE else ["--input-shape", "16"])}[verb]
     check(ws, f"{verb}:{name}", argv)
 
 
@@ -767,8 +780,6 @@ PROCESS: dict[str, Callable[[Ws], list[Any]]] = {
     "entropy:meta.calib-root": lambda ws: ["entropy", ws.ckpt(meta={"calib": "/"})],
     "fold:arch-os-system": lambda ws: ["fold", ws.ckpt(arch="os:system", arch_kwargs={"command": _touch(ws)}),
                                        "-o", ws.out, "--no-bench", "--no-pt2"],
-    "export:input-shape-huge": lambda ws: ["export", ws.valid(), "--input-shape", "1,100000,100000",
-                                           "-o", ws.out / "m.onnx"],
 }
 
 
