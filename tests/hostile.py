@@ -39,7 +39,7 @@ SHAPE = (3, 32, 32)
 SAMPLES = 8
 MEMORY_HEADROOM = 6 * 2**30   # address space a case may add to the test process before allocations fail
 DEADLINE_S = 60               # a case still running after this long has hung
-MAX_ERROR_LINE = 2000         # characters: a file's 10 MB string must not flood the terminal
+MAX_ERROR_LINE = 2000         # characters: a 1 MB string from a file must not flood the terminal
 
 
 # ---- models and checkpoints ---------------------------------------------------------------------
