@@ -161,6 +161,8 @@ def torchvision_names() -> tuple[str, ...]:
 
 def _torchvision_builder(name: str) -> Builder:
     def build(num_classes: int = 1000, **kwargs: Any) -> nn.Module:
+        if "weights" in kwargs:
+            raise ValueError("pretrained torchvision weights are never downloaded: the weights come from the checkpoint")
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
 
     build.__name__ = name

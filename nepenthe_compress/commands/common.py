@@ -23,6 +23,12 @@ def out_console(json_path: str | None) -> Console:
     return err_console if json_path == "-" else console
 
 
+def one_line(message: str) -> str:
+    """``message`` as one printable line: control characters (newlines in a path, terminal escape
+    sequences read from a file) are shown escaped, never sent to the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message.strip())
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn ``UserError``, OS errors (unwritable output, full disk) and MemoryError into one line
     and exit 1."""
@@ -32,8 +38,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except (UserError, OSError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            err_console.print(f"[bold red]error:[/] {escape(msg)}", soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(one_line(str(e)) or type(e).__name__)}", soft_wrap=True)
             sys.exit(1)
         except MemoryError:
             err_console.print("[bold red]error:[/] out of memory (input, data or model too large for this "
@@ -174,8 +179,11 @@ leaf_option = click.option(
     "--leaf", "leaf", multiple=True, metavar="NAME",
     help="Keep this module (class name or qualified name) opaque when tracing (repeatable); use it "
          "for modules with data-dependent control flow.")
-json_option = click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+json_option = click.option("--json", "json_path", type=click.Path(), default=None,
                            help="Also write the result as JSON to this path ('-' for stdout).")
+force_option = click.option("--force", is_flag=True, default=False,
+                            help="Replace output files that already exist (still all or nothing); without it "
+                                 "the command refuses before doing any work.")
 
 
 def parse_kv(pairs: tuple[str, ...]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import click
@@ -11,14 +12,33 @@ from nepenthe_compress.commands.common import (
     arch_kwargs_option,
     arch_option,
     emit_json,
+    force_option,
     json_option,
     out_console,
-    parse_kv,
     user_errors,
 )
+from nepenthe_compress.io import OutputError, check_writable
 from nepenthe_compress.prune import METHODS, PruneConfig, PruneResult, RoundResult, run_prune
-from nepenthe_compress.prune.run import FINAL_FILE
+from nepenthe_compress.prune.run import FINAL_FILE, SUMMARY_FILE
+from nepenthe_compress.prune.state import STATE_FILE
 from nepenthe_compress.prune.train import SCHEDULES
+
+
+ROUND_FILE = re.compile(r"round_\d+\.pt")
+
+
+def check_run_folder(out_dir: Path, force: bool) -> None:
+    """Before any work: ``out_dir`` can be created and written, and a fresh run replaces no files of an
+    earlier one without ``force``. A folder holding a resumable run (its state file) is left to the run
+    itself, which continues it with --resume and refuses it otherwise."""
+    check_writable([out_dir / STATE_FILE], force=True)
+    if not out_dir.is_dir() or (out_dir / STATE_FILE).exists():
+        return
+    clashes = sorted(p.name for p in out_dir.iterdir()
+                     if p.name in (FINAL_FILE, SUMMARY_FILE) or ROUND_FILE.fullmatch(p.name))
+    if clashes and not force:
+        raise OutputError(f"'{out_dir}' already holds {clashes[0]}, not from a run --resume can continue: "
+                          "pass --force to replace its files, or choose another -o folder")
 
 
 def _round_line(row: RoundResult) -> str:
@@ -65,26 +85,30 @@ def render(result: PruneResult) -> Table:
 @click.option("--limit", type=int, default=None, help="Use at most this many samples.")
 @click.option("--init", "init", type=click.Path(dir_okay=False), default=None,
               help="Start from this checkpoint instead of training a dense model (round 0 is not trained).")
-@click.option("-o", "--out", "out", type=click.Path(file_okay=False), default=None,
+@click.option("-o", "--out", "out", type=click.Path(), default=None,
               help="Output folder for round_XX.pt, final.pt, summary.json [default: prune_<arch>_<method>].")
 @click.option("--resume", is_flag=True, default=False, help="Continue the run in the output folder.")
 @json_option
+@force_option
 @user_errors
-def prune(arch: str | None, arch_kw: tuple[str, ...], data: str, method: str, zeta: float, rounds: int | None,
+def prune(arch: str | None, arch_kw: dict, data: str, method: str, zeta: float, rounds: int | None,
           target_sparsity: float | None, max_drop: float | None, epochs: int, finetune_epochs: int | None,
           lr: float, weight_decay: float, schedule: str, batch_size: int, seed: int, holdout: float,
-          limit: int | None, init: str | None, out: str | None, resume: bool, json_path: str | None) -> None:
+          limit: int | None, init: str | None, out: str | None, resume: bool, json_path: str | None,
+          force: bool) -> None:
     """Prune a network round by round, saving a checkpoint per round.
 
     Round 0 trains the dense model; each later round removes weights (nepenthe, imp) or linearises a
     rectifier site (easier), retrains and evaluates. Runs under torchrun (DistributedDataParallel).
     """
+    check_writable([json_path], force)
     default_out = f"prune_{(arch or Path(init or 'init').stem).replace(':', '_').replace('.', '_')}_{method}"
     cfg = PruneConfig(
-        data=data, arch=arch, arch_kwargs=parse_kv(arch_kw), method=method, out_dir=Path(out or default_out),
+        data=data, arch=arch, arch_kwargs=arch_kw, method=method, out_dir=Path(out or default_out),
         zeta=zeta, rounds=rounds, target_sparsity=target_sparsity, max_drop=max_drop, epochs=epochs,
         finetune_epochs=finetune_epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
         schedule=schedule, seed=seed, holdout=holdout, limit=limit, init=init, resume=resume, progress=True)
+    check_run_folder(cfg.out_dir, force)
     out = out_console(json_path)
     result = run_prune(cfg, on_round=lambda row: out.print(_round_line(row)))
     if os.environ.get("RANK", "0") == "0":  # torchrun: one report

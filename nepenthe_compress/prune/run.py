@@ -148,7 +148,8 @@ class _Runner:
     def __init__(self, cfg: PruneConfig, ctx: DistContext, on_round: Callable[[RoundResult], None]) -> None:
         self.cfg, self.ctx, self.on_round = cfg, ctx, on_round
         self.out = Path(cfg.out_dir)
-        self.rows = [RoundResult(**r) for r in read_rounds(self.out, cfg.identity(), cfg.resume)]
+        done = read_rounds(self.out, cfg.identity(), cfg.resume, {f.name for f in dataclasses.fields(RoundResult)})
+        self.rows = [RoundResult(**r) for r in done]
         ds = load_data(cfg.data, limit=cfg.limit)
         if ds.y is None:
             raise DataError(f"data {cfg.data!r} has no labels (y); prune trains, so it needs them")

@@ -24,8 +24,19 @@ def state_path(out_dir: Path) -> Path:
     return out_dir / STATE_FILE
 
 
-def read_rounds(out_dir: Path, config: Mapping[str, Any], resume: bool) -> list[dict[str, Any]]:
-    """Rounds already done in ``out_dir`` (empty for a fresh run).
+def _check_round(r: Any, fields: set[str], path: Path) -> None:
+    """A stored round is a record with exactly ``fields`` whose checkpoint is a file of the run folder."""
+    if not isinstance(r, dict) or set(r) != fields:
+        raise ResumeError(f"cannot resume: '{path}' holds a round that is not a record of {', '.join(sorted(fields))}")
+    name = r["checkpoint"]
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ResumeError(f"cannot resume: '{path}' names checkpoint {str(name)[:80]!r}, not a file of the run folder")
+    if type(r["round"]) is not int:
+        raise ResumeError(f"cannot resume: '{path}' holds a round number that is not an integer")
+
+
+def read_rounds(out_dir: Path, config: Mapping[str, Any], resume: bool, fields: set[str]) -> list[dict[str, Any]]:
+    """Rounds already done in ``out_dir`` (empty for a fresh run), each a record with ``fields``.
 
     Without ``resume`` the folder must hold no run; with it, the stored ``config`` must equal this one.
     """
@@ -40,6 +51,10 @@ def read_rounds(out_dir: Path, config: Mapping[str, Any], resume: bool) -> list[
         stored_config, rounds = stored["config"], stored["rounds"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ResumeError(f"cannot resume: '{path}' is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(stored_config, dict) or not isinstance(rounds, list):
+        raise ResumeError(f"cannot resume: '{path}' must hold a config record and a list of rounds")
+    for r in rounds:
+        _check_round(r, fields, path)
     changed = [k for k in sorted({*stored_config, *config}) if stored_config.get(k) != config.get(k)]
     if changed:
         k = changed[0]
