@@ -7,14 +7,21 @@ import click
 
 from nepenthe_compress import __version__
 
-# verb -> "module:attribute" of its click command (imported lazily so --help stays fast)
-VERBS: dict[str, str] = {
-    "entropy": "nepenthe_compress.commands.entropy:entropy",
-    "fold": "nepenthe_compress.commands.fold:fold",
-    "export": "nepenthe_compress.commands.export:export",
-    "verify": "nepenthe_compress.commands.verify:verify",
-    "bench": "nepenthe_compress.commands.bench:bench",
-    "prune": "nepenthe_compress.commands.prune:prune",
+# verb -> ("module:attribute" of its click command, one-line help). Commands are imported only when
+# run or asked for their own --help, so the top-level --help never imports torch.
+VERBS: dict[str, tuple[str, str]] = {
+    "bench": ("nepenthe_compress.commands.bench:bench",
+              "Median onnxruntime latency of ONNX models, interleaved, with speedups."),
+    "entropy": ("nepenthe_compress.commands.entropy:entropy",
+                "Per-site neuron states and layer entropy of a checkpoint on data."),
+    "export": ("nepenthe_compress.commands.export:export",
+               "Export a checkpoint to ONNX (checked in onnxruntime) and report its depth."),
+    "fold": ("nepenthe_compress.commands.fold:fold",
+             "Fold a pruned checkpoint into a shallower ONNX model and prove it equivalent."),
+    "prune": ("nepenthe_compress.commands.prune:prune",
+              "Prune a network round by round (NEPENTHE/EGP, IMP, EASIER)."),
+    "verify": ("nepenthe_compress.commands.verify:verify",
+               "Check that two models (checkpoint, .onnx, .pt2) compute the same outputs."),
 }
 
 
@@ -25,8 +32,12 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in VERBS:
             return None
-        module, attr = VERBS[name].split(":")
+        module, attr = VERBS[name][0].split(":")
         return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, VERBS[name][1]) for name in self.list_commands(ctx)])
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
