@@ -32,6 +32,7 @@ from nepenthe_compress.verify import eval_mode, onnx_matches_torch
 
 BATCH = "batch"
 ONNX_SIZE_LIMIT = 2**31 - 1          # protobuf's limit for a single-file model (external data unsupported)
+PT2_EXAMPLE_SEED = 0                 # the synthetic example input saved inside a .pt2
 EXPORT_CHECK_TOL = 1e-4              # catches broken exports; exact equivalence is verify's job (1e-5)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CALL_SITE = re.compile(r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+)')
@@ -198,10 +199,22 @@ def export_onnx(model: nn.Module, example: Tensor, path: str | os.PathLike, *, o
 
 # ---------------------------------------------------------------------------------------- .pt2
 
+def synthetic_like(example: Tensor) -> Tensor:
+    """A fresh tensor of ``example``'s shape, dtype and device holding no data of it: seeded N(0,1) for
+    floating types, zeros otherwise."""
+    if not example.is_floating_point():
+        return torch.zeros(example.shape, dtype=example.dtype, device=example.device)
+    g = torch.Generator().manual_seed(PT2_EXAMPLE_SEED)
+    return torch.randn(example.shape, generator=g).to(dtype=example.dtype, device=example.device)
+
+
 def export_pt2(model: nn.Module, example: Tensor, path: str | os.PathLike, *, dynamic_batch: bool = True) -> Path:
-    """Save ``torch.export`` of ``model`` (dynamic batch by default) to ``path`` (.pt2), atomically."""
+    """Save ``torch.export`` of ``model`` (dynamic batch by default) to ``path`` (.pt2), atomically.
+
+    A .pt2 keeps the example input it was captured with; it is captured with :func:`synthetic_like`
+    of ``example`` so that no real (e.g. calibration) data ships inside a deployable file."""
     path = Path(path)
-    ep = capture(model, example, dynamic_batch=dynamic_batch)
+    ep = capture(model, synthetic_like(example), dynamic_batch=dynamic_batch)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.export.save(ep, f)
     return path

@@ -1,12 +1,67 @@
-"""Atomic file output: write to a temp file in the target folder, then rename."""
+"""File output: checked before the work starts, written atomically (temp file in the target folder,
+then rename), existing files replaced only when asked."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from nepenthe_compress.errors import UserError
+
+FORCE_HINT = "pass --force to replace it"
+
+
+class OutputError(UserError):
+    """An output cannot be written where asked, or would replace an existing file without --force."""
+
+
+def check_writable(paths: Iterable[str | os.PathLike | None], force: bool = False) -> None:
+    """Check, before any work, that every output path (``None`` and ``'-'``, stdout, are skipped) can be
+    written: it is not a folder or a special file, no parent is a file, its nearest existing folder
+    accepts new files, and it does not exist yet unless ``force``."""
+    targets = [Path(p) for p in paths if p is not None and str(p) != "-"]
+    for path in targets:
+        _check_target(path)
+        _check_folder(path)
+    existing = [p for p in targets if os.path.lexists(p)]
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more output(s))" if len(existing) > 1 else ""
+        raise OutputError(f"output '{existing[0]}' already exists{more}: {FORCE_HINT}")
+
+
+def _check_target(path: Path) -> None:
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if e.errno == errno.ENOTDIR:   # a parent is a file: _check_folder says which
+            return
+        raise OutputError(f"cannot write '{path}': {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise OutputError(f"output '{path}' is a folder, expected a file path")
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise OutputError(f"output '{path}' exists and is not a regular file; choose another path")
+
+
+def _check_folder(path: Path) -> None:
+    """The nearest existing ancestor of ``path`` must be a folder that accepts new files."""
+    folder = path.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        what = "a file, not a folder" if folder.is_file() else "not a folder"
+        raise OutputError(f"cannot write '{path}': '{folder}' is {what}")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise OutputError(f"cannot write '{path}': folder '{folder}' is not writable ({e.strerror})") from None
 
 
 @contextlib.contextmanager
@@ -44,12 +99,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 class OutputSet:
     """Collects several outputs and commits them together (all or nothing).
 
-    ``stage(path)`` returns a temp path to write; ``commit()`` renames every staged file;
-    ``discard()`` (or leaving the ``with`` block with an exception) removes them all.
+    ``stage(path)`` returns a temp path to write; ``commit()`` renames every staged file (unless
+    ``force``, only when none of the targets exists by then); ``discard()`` (or leaving the ``with``
+    block with an exception) removes them all.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, force: bool = False) -> None:
         self._staged: list[tuple[Path, Path]] = []
+        self.force = force
 
     def stage(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -58,6 +115,10 @@ class OutputSet:
         return tmp
 
     def commit(self) -> list[Path]:
+        taken = [final for _, final in self._staged if os.path.lexists(final)]
+        if taken and not self.force:
+            self.discard()
+            raise OutputError(f"output '{taken[0]}' appeared while this command ran: {FORCE_HINT}")
         done = []
         for tmp, final in self._staged:
             os.replace(tmp, final)

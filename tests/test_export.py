@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from nepenthe_compress.checkpoint import LoadedCheckpoint
 from nepenthe_compress.commands import export as export_cmd
 from nepenthe_compress.errors import UserError
 from nepenthe_compress.errors import ExportError
-from nepenthe_compress.export import export_onnx, export_pt2, load_pt2
+from nepenthe_compress.export import export_onnx, export_pt2, load_pt2, synthetic_like
 from nepenthe_compress.onnx_depth import count_weighted, onnx_depth, onnx_param_count, onnx_summary
 
 
@@ -262,6 +263,123 @@ def test_export_command_without_input_shape_fails_cleanly(tmp_path, monkeypatch)
     assert res.exit_code == 1
     assert "--input-shape" in res.output and "Traceback" not in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt"]
+
+
+def test_pt2_keeps_a_synthetic_example_not_the_given_one(tmp_path):
+    """The example handed to export_pt2 (in fold: calibration samples) must not ship inside the .pt2,
+    not even the rest of its storage when it is a view of a larger data tensor."""
+    gm = folded_graph_module()
+    data = torch.rand(500, 3, 8, 8, generator=torch.Generator().manual_seed(7)) + 10.0   # distinctive
+    path = export_pt2(gm, data[:2], tmp_path / "m.pt2")
+    blob = path.read_bytes()
+    assert not [i for i in range(len(data)) if data[i].numpy().tobytes() in blob]
+    assert len(blob) < 100_000 < data.numel() * 4            # 120 KB of data would not fit
+    (x,), _ = load_pt2(path).example_inputs
+    assert torch.equal(x, synthetic_like(data[:2])) and float(x.abs().max()) < 10.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64])
+def test_synthetic_like_keeps_shape_and_dtype_and_no_values(dtype):
+    example = (torch.arange(24).reshape(2, 3, 4) + 100).to(dtype)
+    x = synthetic_like(example)
+    assert x.shape == example.shape and x.dtype == dtype
+    assert not torch.isin(x, example).any()
+    assert torch.equal(x, synthetic_like(example))            # seeded: the same file for the same model
+
+
+# ---------------------------------------------------------------------------------------- export verb: outputs
+
+def _fake_loader(monkeypatch, ckpt: Path) -> list[str]:
+    """Replace the checkpoint loader with the folded test module; record calls."""
+    calls: list[str] = []
+    fake = LoadedCheckpoint(folded_graph_module(), None, {}, {}, {"input_shape": [3, 8, 8]}, ckpt)
+
+    def load(path, **kw):
+        calls.append(str(path))
+        return fake
+
+    monkeypatch.setattr(export_cmd, "load_checkpoint", load)
+    return calls
+
+
+def _export(*args: str):
+    return CliRunner().invoke(export_cmd.export, [*map(str, args)])
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _one_error_line(res) -> str:
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), res.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("existing, args", [
+    ("net.onnx", []),
+    ("net.pt2", ["--pt2"]),
+    ("r.json", ["--json", "{t}/r.json"]),
+    ("m.onnx", ["-o", "{t}/m.onnx"]),
+])
+def test_export_refuses_an_existing_output_before_loading(tmp_path, monkeypatch, existing, args):
+    ckpt = tmp_path / "net.pt"
+    ckpt.write_bytes(b"stand-in")
+    calls = _fake_loader(monkeypatch, ckpt)
+    (tmp_path / existing).write_bytes(b"earlier export\n")
+    before = _files(tmp_path)
+    line = _one_error_line(_export(ckpt, *(a.format(t=tmp_path) for a in args)))
+    assert line == f"error: output '{tmp_path / existing}' already exists: pass --force to replace it"
+    assert calls == [] and _files(tmp_path) == before
+
+
+def test_export_force_replaces_onnx_pt2_and_json(tmp_path, monkeypatch):
+    ckpt = tmp_path / "net.pt"
+    ckpt.write_bytes(b"stand-in")
+    _fake_loader(monkeypatch, ckpt)
+    for name in ("net.onnx", "net.pt2", "r.json"):
+        (tmp_path / name).write_bytes(b"earlier\n")
+    res = _export(ckpt, "--pt2", "--json", tmp_path / "r.json", "--force")
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "r.json").read_text())["depth"] == 2
+    assert onnx_depth(tmp_path / "net.onnx") == 2
+    x = torch.randn(3, 3, 8, 8)
+    assert torch.allclose(load_pt2(tmp_path / "net.pt2").module()(x), folded_graph_module()(x), atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "net.pt", "net.pt2", "r.json"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-o", "{t}/blocker/m.onnx"], "'{t}/blocker' is a file, not a folder"),
+    (["-o", "{t}/blocker/a/b/m.onnx"], "'{t}/blocker' is a file, not a folder"),
+    (["-o", "{t}"], "output '{t}' is a folder"),
+    (["--json", "{t}/blocker/r.json"], "'{t}/blocker' is a file, not a folder"),
+    (["-o", "/proc/self/m.onnx"], "folder '/proc/self' is not writable"),
+    (["-o", "{t}/m.pt2", "--pt2"], "ends in .pt2"),
+])
+def test_export_unwritable_output_fails_before_loading(tmp_path, monkeypatch, args, message):
+    ckpt = tmp_path / "net.pt"
+    ckpt.write_bytes(b"stand-in")
+    (tmp_path / "blocker").write_text("a file\n")
+    calls = _fake_loader(monkeypatch, ckpt)
+    before = _files(tmp_path)
+    line = _one_error_line(_export(ckpt, *(a.format(t=tmp_path) for a in args)))
+    assert message.format(t=tmp_path) in line
+    assert calls == [] and _files(tmp_path) == before and [p for p in tmp_path.iterdir() if p.is_dir()] == []
+
+
+def test_export_with_calibration_data_keeps_it_out_of_both_files(tmp_path, monkeypatch):
+    ckpt = tmp_path / "net.pt"
+    ckpt.write_bytes(b"stand-in")
+    _fake_loader(monkeypatch, ckpt)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(5)) + 5.0
+    np.savez(tmp_path / "calib.npz", x=x.numpy())
+    res = _export(ckpt, "--pt2", "--calib", tmp_path / "calib.npz")
+    assert res.exit_code == 0, res.output
+    for name in ("net.onnx", "net.pt2"):
+        blob = (tmp_path / name).read_bytes()
+        assert not [i for i in range(len(x)) if x[i].numpy().tobytes() in blob], name
+    with zipfile.ZipFile(tmp_path / "net.pt2") as z:
+        assert all(i.file_size < 2 * x[0].numel() * 4 + 4096 for i in z.infolist() if "sample_inputs" in i.filename)
 
 
 # ---------------------------------------------------------------------------------------- depth on hand-built graphs

@@ -9,11 +9,13 @@ from rich.table import Table
 from nepenthe_compress.bench import LatencyTable, compare_latency
 from nepenthe_compress.commands.common import (
     emit_json,
+    force_option,
     input_shape_option,
     json_option,
     out_console,
     user_errors,
 )
+from nepenthe_compress.io import check_writable
 from nepenthe_compress.verify import MAX_THREADS
 
 
@@ -44,10 +46,12 @@ def render_latency(table: LatencyTable) -> Table:
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs first.")
 @input_shape_option
 @json_option
+@force_option
 @user_errors
 def bench(models: tuple[str, ...], batches: tuple[int, ...], threads: int, repeats: int, warmup: int,
-          input_shape: tuple[int, ...] | None, json_path: str | None) -> None:
+          input_shape: tuple[int, ...] | None, json_path: str | None, force: bool) -> None:
     """Median latency of MODEL.onnx files measured side by side (interleaved), with speedups vs the first."""
+    check_writable([json_path], force)
     table = compare_latency(display_names(models), input_shape, batches, threads, warmup, repeats)
     out_console(json_path).print(render_latency(table))
     emit_json(table.to_dict(), json_path)

@@ -12,6 +12,7 @@ from nepenthe_compress.commands.common import (
     data_options,
     data_overrides,
     emit_json,
+    force_option,
     json_option,
     leaf_option,
     limit_option,
@@ -22,6 +23,7 @@ from nepenthe_compress.commands.common import (
 from nepenthe_compress.data import iter_batches, load_checkpoint_data
 from nepenthe_compress.entropy import EntropyReport, measure_entropy
 from nepenthe_compress.fit import check_fit
+from nepenthe_compress.io import check_writable
 from nepenthe_compress.plot import plot_entropy, plot_format, site_labels
 
 
@@ -58,14 +60,15 @@ def entropy_table(report: EntropyReport) -> Table:
 @limit_option
 @batch_option
 @json_option
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+@click.option("--plot", "plot_path", type=click.Path(), default=None,
               help="Write the neuron-state figure here (.png, .svg or .pdf).")
 @leaf_option
+@force_option
 @user_errors
 def entropy(ckpt: str, load: LoadOptions, calib: str | None, input_shape: tuple[int, ...] | None,
             normalize: dict | None, channels: int | None, limit: int | None,
             batch_size: int, json_path: str | None, plot_path: str | None,
-            leaf: tuple[str, ...]) -> None:
+            leaf: tuple[str, ...], force: bool) -> None:
     """Measure, per activation site of CKPT, how many neurons never change state on calibration data.
 
     A site whose neurons are all always-OFF / always-ON (or LINEAR / SATURATED) has zero entropy: on
@@ -73,6 +76,7 @@ def entropy(ckpt: str, load: LoadOptions, calib: str | None, input_shape: tuple[
     """
     if plot_path is not None:
         plot_format(plot_path)  # fail before the work, not after it
+    check_writable([json_path, plot_path], force)
     loaded = load_checkpoint(ckpt, **load.as_kwargs())
     report_load(loaded)
     meta = {**loaded.meta, **data_overrides(input_shape, normalize, channels)}

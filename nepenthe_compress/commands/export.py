@@ -12,6 +12,7 @@ from nepenthe_compress.commands.common import (
     channels_option,
     checkpoint_options,
     emit_json,
+    force_option,
     input_shape_option,
     json_option,
     out_console,
@@ -22,7 +23,7 @@ from nepenthe_compress.data import load_checkpoint_data, meta_input_shape, rando
 from nepenthe_compress.errors import UserError
 from nepenthe_compress.export import export_onnx, export_pt2
 from nepenthe_compress.fit import check_fit
-from nepenthe_compress.io import OutputSet
+from nepenthe_compress.io import OutputSet, check_writable
 from nepenthe_compress.onnx_depth import OnnxSummary, onnx_summary
 
 EXAMPLE_SEED = 0
@@ -45,6 +46,17 @@ def example_input(ck: LoadedCheckpoint, calib: str | None, input_shape: tuple[in
     return x
 
 
+def output_paths(ckpt: str, output: str | None, pt2: bool) -> list[Path]:
+    """The ONNX file (-o, default CKPT with suffix .onnx) and, with --pt2, the .pt2 beside it."""
+    onnx_path = Path(output) if output else Path(ckpt).with_suffix(".onnx")
+    if not pt2:
+        return [onnx_path]
+    if onnx_path.suffix.lower() == ".pt2":
+        raise UserError(f"-o '{onnx_path}' ends in .pt2, the name --pt2 writes beside the ONNX file: "
+                        "give the ONNX file's name, e.g. model.onnx")
+    return [onnx_path, onnx_path.with_suffix(".pt2")]
+
+
 def render_summary(paths: list[Path], summary: OnnxSummary) -> Table:
     table = Table(title="exported", show_header=False)
     table.add_column(style="bold")
@@ -61,7 +73,7 @@ def render_summary(paths: list[Path], summary: OnnxSummary) -> Table:
 @checkpoint_options
 @input_shape_option
 @channels_option
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+@click.option("-o", "--output", type=click.Path(), default=None,
               help="ONNX file to write [default: CKPT with suffix .onnx].")
 @click.option("--opset", type=click.IntRange(min=7), default=18, show_default=True, help="ONNX opset version.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
@@ -69,17 +81,22 @@ def render_summary(paths: list[Path], summary: OnnxSummary) -> Table:
 @click.option("--static-batch", is_flag=True, help="Fix the batch dimension to --batch-size (default: dynamic).")
 @click.option("--pt2", is_flag=True, help="Also write a torch.export program (.pt2) next to the ONNX file.")
 @json_option
+@force_option
 @user_errors
 def export(ckpt: str, load: LoadOptions, calib: str | None,
            input_shape: tuple[int, ...] | None, channels: int | None, output: str | None, opset: int,
-           batch_size: int, static_batch: bool, pt2: bool, json_path: str | None) -> None:
-    """Export checkpoint CKPT to ONNX (checked against torch in onnxruntime) and report its depth."""
+           batch_size: int, static_batch: bool, pt2: bool, json_path: str | None, force: bool) -> None:
+    """Export checkpoint CKPT to ONNX (checked against torch in onnxruntime) and report its depth.
+
+    Refuses up front when an output (the .onnx, the .pt2, --json's file) exists, unless --force. A
+    .pt2 keeps a synthetic example input (seeded N(0,1)), never the --calib data.
+    """
+    paths = output_paths(ckpt, output, pt2)
+    check_writable([*paths, json_path], force)  # before any work
     ck = load_checkpoint(ckpt, **load.as_kwargs())
     report_load(ck)
     example = example_input(ck, calib, input_shape, batch_size, channels)
-    onnx_path = Path(output) if output else Path(ckpt).with_suffix(".onnx")
-    paths = [onnx_path, onnx_path.with_suffix(".pt2")] if pt2 else [onnx_path]
-    with OutputSet() as out:  # both files or neither
+    with OutputSet(force=force) as out:  # both files or neither
         staged_onnx = export_onnx(ck.model, example, out.stage(paths[0]), opset=opset, dynamic_batch=not static_batch)
         summary = onnx_summary(staged_onnx)
         if pt2:

@@ -11,6 +11,7 @@ from nepenthe_compress.commands.common import (
     data_options,
     data_overrides,
     emit_json,
+    force_option,
     json_option,
     leaf_option,
     limit_option,
@@ -18,13 +19,14 @@ from nepenthe_compress.commands.common import (
     print_notes,
     user_errors,
 )
+from nepenthe_compress.io import check_writable
 
 
 @click.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @checkpoint_options
 @data_options
-@click.option("-o", "--outdir", type=click.Path(file_okay=False), default=None,
+@click.option("-o", "--outdir", type=click.Path(), default=None,
               help="Output folder (default: the checkpoint's folder).")
 @click.option("--merge", type=click.Choice(["auto", "all", "none"]), default="auto", show_default=True,
               help="auto: merge where the cost model predicts a speed-up; all: every exact merge "
@@ -46,17 +48,25 @@ from nepenthe_compress.commands.common import (
 @click.option("--pt2/--no-pt2", default=True, show_default=True, help="Also save the folded torch.export program.")
 @leaf_option
 @json_option
+@force_option
 @user_errors
 def fold(checkpoint, load, calib, input_shape, normalize, channels, outdir, merge, allow_inexact, approximate,
-         keep_channels, channel_align, holdout, limit, batch_size, bench, repeats, pt2, leaf, json_path) -> None:
-    """Fold a pruned CHECKPOINT into a shallower ONNX model and prove it equivalent."""
+         keep_channels, channel_align, holdout, limit, batch_size, bench, repeats, pt2, leaf, json_path,
+         force) -> None:
+    """Fold a pruned CHECKPOINT into a shallower ONNX model and prove it equivalent.
+
+    Writes OUTDIR/<stem>.folded.onnx, <stem>.onnx, <stem>.report.json and <stem>.folded.pt2, all or
+    nothing; refuses up front when one of them (or --json's file) exists, unless --force.
+    """
     from nepenthe_compress.fold.graph import FoldOptions
     from nepenthe_compress.fold.pipeline import FoldRequest, fold_checkpoint
 
+    check_writable([json_path], force)  # the outputs in OUTDIR are checked by fold_checkpoint, first thing
     req = FoldRequest(checkpoint, load, calib, outdir,
                       FoldOptions(merge, allow_inexact, approximate, not keep_channels, channel_align), holdout, limit,
                       batch_size, bench, repeats, pt2, leaf,
-                      data_overrides(input_shape, normalize, channels), progress=console.is_terminal)
+                      data_overrides(input_shape, normalize, channels), progress=console.is_terminal,
+                      force=force)
     with console.status("folding...") if console.is_terminal else _null():
         result = fold_checkpoint(req)
     print_notes(result.checkpoint_notes, result.checkpoint_warnings)
@@ -85,11 +95,12 @@ def render(r, console=console) -> None:
     t.add_row("parameters", f"{r.params['before']:,} -> {r.params['after']:,}")
     t.add_row("MACs / sample", f"{r.macs['before']:,} -> {r.macs['after']:,}")
     c, h = eq["calibration"], eq["heldout"]
-    t.add_row("calibration", f"max rel err {c['max_rel']:.2e} (tolerance {eq['tolerance']:.0e}), "
+    t.add_row("calibration", f"max rel err {c['max_rel']:.2e} ({_held_to(eq['tolerance'])}), "
               f"top-1 agreement {_pct(c['top1_agreement'])} ({c['samples']} samples)")
     t.add_row("held-out", f"max rel err {h['max_rel']:.2e}, top-1 agreement {_pct(h['top1_agreement'])}, "
               f"state flips {eq['heldout_state_flips']['fraction']:.2%}")
-    t.add_row("onnxruntime vs torch", ", ".join(f"batch {o['batch']}: {o['max_rel']:.2e}" for o in eq["onnx_vs_torch"]))
+    t.add_row("onnxruntime vs torch", ", ".join(f"batch {o['batch']}: {o['max_rel']:.2e}" for o in eq["onnx_vs_torch"])
+              + f" (tolerance {eq['onnx_tolerance']:.2g})")
     if r.latency:
         for row in r.latency["rows"]:
             if row["model"] == "folded":
@@ -104,6 +115,10 @@ def render(r, console=console) -> None:
             console.print(f"  [green]{e['action']:9}[/] {e['where']}: {e['detail']}", soft_wrap=True)
     for e in skipped:
         console.print(f"  [yellow]skip     [/] {e['where']}: {e['detail']}", soft_wrap=True)
+
+
+def _held_to(tolerance: float | None) -> str:
+    return "inexact: not held to a tolerance" if tolerance is None else f"tolerance {tolerance:.2g}"
 
 
 def _pct(v) -> str:

@@ -17,6 +17,7 @@ from nepenthe_compress.commands.common import (
     channels_option,
     checkpoint_options,
     emit_json,
+    force_option,
     input_shape_option,
     json_option,
     limit_option,
@@ -28,6 +29,7 @@ from nepenthe_compress.data import iter_batches, load_data, meta_input_shape
 from nepenthe_compress.errors import UserError
 from nepenthe_compress.export import load_pt2
 from nepenthe_compress.fit import check_fit
+from nepenthe_compress.io import check_writable
 from nepenthe_compress.signature import (
     Signature,
     check_input,
@@ -155,10 +157,11 @@ def render_result(reference: str, candidate: str, data: str, result: VerifyResul
 @click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=2, show_default=True,
               help="onnxruntime threads.")
 @json_option
+@force_option
 @user_errors
 def verify(reference: str, candidate: str, load: LoadOptions, calib: str | None,
            limit: int | None, batch_size: int, input_shape: tuple[int, ...] | None, channels: int | None,
-           tol: float, threads: int, json_path: str | None) -> None:
+           tol: float, threads: int, json_path: str | None, force: bool) -> None:
     """Check that CANDIDATE computes the same outputs as REFERENCE (each a checkpoint, .onnx or .pt2;
     a .pt2 holds code, so it needs --trust-pickle).
 
@@ -167,6 +170,7 @@ def verify(reference: str, candidate: str, load: LoadOptions, calib: str | None,
     nothing is written when the comparison could not run (unreadable model, inputs or outputs that
     do not match, no data).
     """
+    check_writable([json_path], force)
     opts = {"load": load, "threads": threads}
     ref, cand = open_model(reference, opts), open_model(candidate, opts)
     check_pair(ref, cand)
