@@ -20,12 +20,17 @@ class OutputError(UserError):
     """An output cannot be written where asked, or would replace an existing file without --force."""
 
 
-def check_writable(paths: Iterable[str | os.PathLike | None], force: bool = False) -> None:
+def check_writable(paths: Iterable[str | os.PathLike | None], force: bool = False,
+                   inputs: Iterable[str | os.PathLike | None] = ()) -> None:
     """Check, before any work, that every output path (``None`` and ``'-'``, stdout, are skipped) can be
-    written: it is not a folder or a special file, no parent is a file, its nearest existing folder
-    accepts new files, and it does not exist yet unless ``force``."""
+    written: it is not one of the ``inputs`` (not even with ``force``), not a folder or a special
+    file, no parent is a file, its nearest existing folder accepts new files, and it does not exist
+    yet unless ``force``."""
     targets = [Path(p) for p in paths if p is not None and str(p) != "-"]
+    read = {Path(p).resolve() for p in inputs if p is not None and str(p) != "-" and os.path.lexists(p)}
     for path in targets:
+        if path.resolve() in read:
+            raise OutputError(f"output '{path}' is also an input of this command; choose another path")
         _check_target(path)
         _check_folder(path)
     existing = [p for p in targets if os.path.lexists(p)]

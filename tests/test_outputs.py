@@ -238,3 +238,19 @@ def test_prune_json_is_checked_before_any_work(tmp_path: Path, monkeypatch) -> N
     line = one_error_line(_prune(tmp_path / "run", "--json", tmp_path / "p.json"))
     assert "already exists: pass --force" in line and calls == []
     assert files(tmp_path) == {"p.json": b"earlier\n"}
+
+
+def test_an_input_is_never_an_output_even_with_force(saved: Saved, tmp_path: Path) -> None:  # noqa: F811
+    before = files(saved.ckpt.parent)
+    for verb in (["entropy", saved.ckpt, "--calib", saved.calib], ["fold", saved.ckpt, "--calib", saved.calib,
+                 "-o", tmp_path / "o"]):
+        line = one_error_line(run(*verb, "--json", saved.ckpt, "--force"))
+        assert line == f"error: output '{saved.ckpt}' is also an input of this command; choose another path"
+    assert files(saved.ckpt.parent) == before
+    with pytest.raises(OutputError, match="is also an input"):
+        check_writable([tmp_path / "a" / ".." / "x.pt"], force=True, inputs=[_touch(tmp_path / "x.pt")])
+
+
+def _touch(path: Path) -> Path:
+    path.write_bytes(b"")
+    return path

@@ -51,7 +51,7 @@ def render_latency(table: LatencyTable) -> Table:
 def bench(models: tuple[str, ...], batches: tuple[int, ...], threads: int, repeats: int, warmup: int,
           input_shape: tuple[int, ...] | None, json_path: str | None, force: bool) -> None:
     """Median latency of MODEL.onnx files measured side by side (interleaved), with speedups vs the first."""
-    check_writable([json_path], force)
+    check_writable([json_path], force, inputs=models)
     table = compare_latency(display_names(models), input_shape, batches, threads, warmup, repeats)
     out_console(json_path).print(render_latency(table))
     emit_json(table.to_dict(), json_path)

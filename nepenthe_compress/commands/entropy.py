@@ -76,7 +76,7 @@ def entropy(ckpt: str, load: LoadOptions, calib: str | None, input_shape: tuple[
     """
     if plot_path is not None:
         plot_format(plot_path)  # fail before the work, not after it
-    check_writable([json_path, plot_path], force)
+    check_writable([json_path, plot_path], force, inputs=[ckpt])
     loaded = load_checkpoint(ckpt, **load.as_kwargs())
     report_load(loaded)
     meta = {**loaded.meta, **data_overrides(input_shape, normalize, channels)}

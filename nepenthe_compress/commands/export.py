@@ -92,7 +92,7 @@ def export(ckpt: str, load: LoadOptions, calib: str | None,
     .pt2 keeps a synthetic example input (seeded N(0,1)), never the --calib data.
     """
     paths = output_paths(ckpt, output, pt2)
-    check_writable([*paths, json_path], force)  # before any work
+    check_writable([*paths, json_path], force, inputs=[ckpt])  # before any work
     ck = load_checkpoint(ckpt, **load.as_kwargs())
     report_load(ck)
     example = example_input(ck, calib, input_shape, batch_size, channels)

@@ -61,7 +61,7 @@ def fold(checkpoint, load, calib, input_shape, normalize, channels, outdir, merg
     from nepenthe_compress.fold.graph import FoldOptions
     from nepenthe_compress.fold.pipeline import FoldRequest, fold_checkpoint
 
-    check_writable([json_path], force)  # the outputs in OUTDIR are checked by fold_checkpoint, first thing
+    check_writable([json_path], force, inputs=[checkpoint])  # the outputs in OUTDIR are checked by fold_checkpoint, first thing
     req = FoldRequest(checkpoint, load, calib, outdir,
                       FoldOptions(merge, allow_inexact, approximate, not keep_channels, channel_align), holdout, limit,
                       batch_size, bench, repeats, pt2, leaf,

@@ -170,7 +170,7 @@ def verify(reference: str, candidate: str, load: LoadOptions, calib: str | None,
     nothing is written when the comparison could not run (unreadable model, inputs or outputs that
     do not match, no data).
     """
-    check_writable([json_path], force)
+    check_writable([json_path], force, inputs=[reference, candidate])
     opts = {"load": load, "threads": threads}
     ref, cand = open_model(reference, opts), open_model(candidate, opts)
     check_pair(ref, cand)

@@ -105,7 +105,7 @@ def fold_checkpoint(req: FoldRequest) -> FoldResult:
     """Check the outputs can be written, then load, measure, fold, verify (failure: FoldError, nothing
     written), export and report."""
     paths = output_paths(req)
-    check_writable(paths.values(), req.force)   # before any work
+    check_writable(paths.values(), req.force, inputs=[req.checkpoint])   # before any work
     ck = load_checkpoint(req.checkpoint, **req.load.as_kwargs())
     data = load_checkpoint_data({**ck.meta, **req.data_overrides}, req.calib, where=str(ck.path), limit=req.limit)
     check_fit(ck.model, tuple(data.x.shape))  # before any forward pass
