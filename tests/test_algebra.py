@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from nepenthe_compress.fold.algebra import (
-    ConvSpec, LinearSpec, NotExact, add_convs, add_linears, affine_then_conv, affine_then_linear,
-    batchnorm_affine, compose_convs, compose_linears, conv_then_affine, conv_transpose_then_affine,
+    ConvSpec, ConvTransposeSpec, LinearSpec, NotExact, add_convs, add_linears, affine_then_conv,
+    affine_then_linear, batchnorm_affine, compose_convs, compose_linears, conv_then_affine, conv_transpose_then_affine,
     drop_in_channels, drop_out_channels, expand_groups, identity_conv, linear_then_affine, regroup)
 
 D = torch.float64
@@ -108,10 +108,10 @@ def test_conv_transpose_then_bn(affine):
     b = torch.randn(co, dtype=D)
     p = bn_params(co, affine)
     x = x_of(ci, (5, 6))
-    kw = dict(stride=2, padding=1, output_padding=1, groups=g)
-    ref = bn(F.conv_transpose2d(x, w, b, **kw), p)
-    w2, b2 = conv_transpose_then_affine(w, b, g, *batchnorm_affine(**p, eps=1e-3))
-    assert_close(F.conv_transpose2d(x, w2, b2, **kw), ref)
+    spec = ConvTransposeSpec(w, b, stride=(2, 2), padding=(1, 1), output_padding=(1, 1), groups=g)
+    y = F.conv_transpose2d(x, w, b, stride=2, padding=1, output_padding=1, groups=g)
+    assert_close(spec.forward(x), y)
+    assert_close(conv_transpose_then_affine(spec, *batchnorm_affine(**p, eps=1e-3)).forward(x), bn(y, p))
 
 
 def test_linear_then_bn1d_and_layernorm_affine_into_linear():

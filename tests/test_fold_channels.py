@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from nepenthe_compress.cli import main
 from nepenthe_compress.entropy import EntropyReport, measure_entropy
-from nepenthe_compress.fold.channels import aligned_count, kept_back
+from nepenthe_compress.fold.rewrites.channels import aligned_count, kept_back
 from nepenthe_compress.fold.core import FoldedGraph, fold_graph
 from nepenthe_compress.fold.graph import FoldOptions
 from nepenthe_compress.verify import verify_equivalence, verify_float64

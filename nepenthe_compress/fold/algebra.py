@@ -72,6 +72,22 @@ class ConvSpec:
 
 
 @dataclass(frozen=True)
+class ConvTransposeSpec:
+    weight: Tensor                      # [Ci, Co/groups, kH, kW]
+    bias: Tensor                        # [Co]
+    stride: Pair = (1, 1)
+    padding: Pair = (0, 0)
+    output_padding: Pair = (0, 0)
+    dilation: Pair = (1, 1)
+    groups: int = 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Reference application (F.conv_transpose2d)."""
+        return F.conv_transpose2d(x, self.weight, self.bias, self.stride, self.padding,
+                                  self.output_padding, self.groups, self.dilation)
+
+
+@dataclass(frozen=True)
 class LinearSpec:
     weight: Tensor                      # [out, in]
     bias: Tensor                        # [out]
@@ -109,12 +125,12 @@ def conv_then_affine(conv: ConvSpec, a: Tensor, c: Tensor) -> ConvSpec:
                    bias_map=bias_map)
 
 
-def conv_transpose_then_affine(weight: Tensor, bias: Tensor, groups: int, a: Tensor, c: Tensor
-                               ) -> tuple[Tensor, Tensor]:
+def conv_transpose_then_affine(conv: ConvTransposeSpec, a: Tensor, c: Tensor) -> ConvTransposeSpec:
     """Same for ConvTranspose2d, whose weight is [Ci, Co/groups, kH, kW]."""
-    ci, cog = weight.shape[:2]
-    scale = a.reshape(groups, 1, cog).expand(groups, ci // groups, cog).reshape(ci, cog)
-    return weight * scale[:, :, None, None], bias * a + c
+    ci, cog = conv.weight.shape[:2]
+    g = conv.groups
+    scale = a.reshape(g, 1, cog).expand(g, ci // g, cog).reshape(ci, cog)
+    return replace(conv, weight=conv.weight * scale[:, :, None, None], bias=conv.bias * a + c)
 
 
 def linear_then_affine(lin: LinearSpec, a: Tensor, c: Tensor) -> LinearSpec:
@@ -333,6 +349,11 @@ def identity_conv(channels: int, dtype: torch.dtype = torch.float32) -> ConvSpec
                     groups=channels)
 
 
+def identity_linear(features: int, dtype: torch.dtype = torch.float32) -> LinearSpec:
+    """The identity as a Linear (``features`` -> ``features``, no bias)."""
+    return LinearSpec(torch.eye(features, dtype=dtype), torch.zeros(features, dtype=dtype))
+
+
 def add_convs(a: ConvSpec, b: ConvSpec, in_hw: Pair) -> ConvSpec:
     """a(x) + b(x) as one conv (parallel branches on the same input, e.g. residual + shortcut).
 
@@ -409,3 +430,37 @@ def drop_out_channels(conv_or_lin_weight: Tensor, bias: Tensor, keep: Tensor, gr
 def drop_in_channels(weight: Tensor, keep: Tensor) -> Tensor:
     """Keep only input channels ``keep`` (bool [Ci]) of a dense conv/linear weight."""
     return weight[:, keep]
+
+
+def drop_conv_outputs(conv: ConvSpec, keep: Tensor) -> ConvSpec:
+    """A dense conv (groups 1) keeping only output channels ``keep`` (bias map rows too)."""
+    weight, bias = drop_out_channels(conv.weight, conv.bias, keep)
+    bias_map = None if conv.bias_map is None else conv.bias_map[keep]
+    return ConvSpec(weight, bias, conv.stride, conv.padding, conv.dilation, 1, bias_map)
+
+
+def drop_linear_outputs(lin: LinearSpec, keep: Tensor) -> LinearSpec:
+    return LinearSpec(*drop_out_channels(lin.weight, lin.bias, keep))
+
+
+def drop_depthwise_channels(conv: ConvSpec, keep: Tensor) -> ConvSpec:
+    """A depthwise conv (groups = channels) keeping only channels ``keep``."""
+    bias_map = None if conv.bias_map is None else conv.bias_map[keep]
+    return ConvSpec(conv.weight[keep], conv.bias[keep], conv.stride, conv.padding, conv.dilation,
+                    int(keep.sum()), bias_map)
+
+
+def drop_conv_inputs(conv: ConvSpec, keep: Tensor, values: Tensor, in_hw: Pair) -> ConvSpec:
+    """A dense conv reading only input channels ``keep``; the dropped channels held the constants
+    ``values`` (0 at kept channels) on an ``in_hw`` input, pushed into the bias (a map if padded)."""
+    dense = ConvSpec(drop_in_channels(conv.weight, keep), conv.bias, conv.stride, conv.padding,
+                     conv.dilation, 1, conv.bias_map)
+    if not bool(values.any()):
+        return dense
+    h, w = in_hw
+    return _plus(dense, additive_through_conv(values.view(-1, 1, 1).expand(-1, h, w).contiguous(), conv))
+
+
+def drop_linear_inputs(lin: LinearSpec, keep: Tensor, values: Tensor) -> LinearSpec:
+    """A Linear reading only input features ``keep``; the dropped ones held the constants ``values``."""
+    return LinearSpec(drop_in_channels(lin.weight, keep), lin.bias + lin.weight @ values)

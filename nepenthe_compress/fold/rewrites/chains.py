@@ -1,0 +1,147 @@
+"""Merging chains of adjacent layers of one kind (conv -> conv, linear -> linear), chosen by price.
+
+A chain is a maximal run of layer nodes where each one's only user is the next. For each chain a
+dynamic programme picks the partition into merged segments with the lowest total price
+(``GraphRewriter.price``, the driver's cost model under the ``--merge`` mode); segments whose merge
+is not exact are infeasible unless the user opted in to border-inexact merges. Conv-like layers
+that cannot merge at all (ConvTranspose, non-zero padding modes) next to a layer are reported.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from nepenthe_compress.fold import algebra as A
+from nepenthe_compress.fold import ops
+from nepenthe_compress.fold.protocol import Rewrite, merging
+from nepenthe_compress.fold.rewriter import GraphRewriter
+
+
+@dataclass
+class Refusal:
+    node: fx.Node
+    reason: str
+
+
+@dataclass
+class Segment:
+    nodes: list[fx.Node]
+    spec: ops.Spec
+    inexact: bool
+
+
+def find_chains(rw: GraphRewriter) -> list[list[fx.Node]]:
+    """Maximal chains of >= 2 same-kind layer nodes linked by single-use edges."""
+    def next_of(n: fx.Node) -> fx.Node | None:
+        if len(n.users) != 1:
+            return None
+        u = next(iter(n.users))
+        return u if ops.same_layer_kind(rw.gm, n, u) and ops.only_input(u) is n else None
+
+    starts = [n for n in rw.gm.graph.nodes if ops.is_layer(rw.gm, n) and ops.only_input(n) is not None]
+    has_prev = {next_of(n) for n in starts} - {None}
+    chains = []
+    for n in starts:
+        if n in has_prev:
+            continue
+        chain = [n]
+        while (nxt := next_of(chain[-1])) is not None:
+            chain.append(nxt)
+        if len(chain) > 1:
+            chains.append(chain)
+    return chains
+
+
+def _refusals(rw: GraphRewriter) -> Iterator[Refusal]:
+    for node in rw.gm.graph.nodes:
+        reason = ops.merge_refusal(rw.gm, node)
+        neighbours = [*node.users, *node.all_input_nodes]
+        if reason and any(ops.is_layer(rw.gm, n) or ops.merge_refusal(rw.gm, n) for n in neighbours):
+            yield Refusal(node, reason)
+
+
+def match(rw: GraphRewriter) -> Iterator[Refusal | list[fx.Node]]:
+    yield from list(_refusals(rw))
+    yield from find_chains(rw)
+
+
+def compose(rw: GraphRewriter, nodes: list[fx.Node]) -> Segment | str:
+    """The merged segment, or why it cannot be merged."""
+    kind = ops.layer_kind(rw.gm, nodes[0])
+    spec = ops.spec_of(rw.gm, nodes[0])
+    shape = rw.shape(ops.only_input(nodes[0]))
+    inexact = False
+    for prev, node in zip(nodes, nodes[1:]):
+        b = ops.spec_of(rw.gm, node)
+        try:
+            spec = kind.compose(spec, b, shape, False)
+        except A.NotExact as e:
+            if not (rw.options.allow_inexact and isinstance(e, A.BorderInexact)):
+                return f"{rw.label(prev)} -> {rw.label(node)}: {e}"
+            spec, inexact = kind.compose(spec, b, shape, True), True
+    return Segment(nodes, spec, inexact)
+
+
+def partition(rw: GraphRewriter, chain: list[fx.Node]) -> list[Segment]:
+    """The cheapest partition of ``chain`` into merged segments (by dynamic programming)."""
+    n = len(chain)
+    shapes = [rw.shape(ops.only_input(node)) for node in chain]
+    options: dict[tuple[int, int], tuple[float, Segment | None]] = {}
+    for i in range(n):
+        options[i, i] = (rw.price(ops.spec_of(rw.gm, chain[i]), shapes[i]), None)
+        for j in range(i + 1, n):
+            seg = compose(rw, chain[i:j + 1])
+            if isinstance(seg, str):
+                if j == i + 1:
+                    rw.record("skip", rw.label(chain[j]), f"merge skipped: {seg}")
+                break  # longer segments starting at i contain the same inexact pair
+            options[i, j] = (rw.price(seg.spec, shapes[i]), seg)
+    best = [0.0] + [float("inf")] * n
+    choice = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            if (i, j - 1) in options and best[i] + options[i, j - 1][0] < best[j]:
+                best[j], choice[j] = best[i] + options[i, j - 1][0], i
+    segments, j = [], n
+    while j > 0:
+        segments.append((choice[j], j - 1))
+        j = choice[j]
+    chosen = {p for a, k in segments for p in range(a, k)}  # i merged with i + 1
+    for i in range(n - 1):
+        if (i, i + 1) in options and i not in chosen:
+            rw.record("skip", rw.label(chain[i + 1]),
+                      f"merge with {rw.label(chain[i])} skipped: cost model predicts no gain")
+    return [options[i, k][1] for i, k in reversed(segments) if k > i]
+
+
+def plan(rw: GraphRewriter, candidate: Refusal | list[fx.Node]) -> list[Segment] | None:
+    if isinstance(candidate, Refusal):
+        rw.record("skip", rw.label(candidate.node), candidate.reason)
+        return None
+    return partition(rw, candidate) or None
+
+
+def apply(rw: GraphRewriter, segments: list[Segment]) -> None:
+    for seg in segments:
+        first, last = seg.nodes[0], seg.nodes[-1]
+        names = " -> ".join(rw.label(n) for n in seg.nodes)
+        rw.set_module(last, ops.module_of(seg.spec, rw.module(last)), label=f"merged({names})")
+        last.replace_input_with(ops.only_input(last), ops.only_input(first))
+        for node in reversed(seg.nodes[:-1]):
+            rw.gm.graph.erase_node(node)
+        note = " (BORDER-INEXACT: opted in, see the measured error)" if seg.inexact else ""
+        rw.record("merge", names, f"{len(seg.nodes)} layers -> 1{note}")
+
+
+MERGE_CHAINS = Rewrite(
+    name="merge_chains",
+    pattern="conv -> conv -> ... | linear -> linear -> ... (single-use edges) -> fewer layers",
+    algebra=(A.compose_convs, A.compose_linears),
+    exactness="linear: always; conv: when the second has padding 0, or per dim pA >= (kA-1)*dA "
+              "(e.g. a 1x1 first, with a border bias map); padded KxK -> padded KxK only with "
+              "--allow-inexact (error measured)",
+    tests="tests/fold/test_merge_chains.py",
+    match=match, plan=plan, apply=apply,
+    cost="dynamic programme over segment prices (price(merged segment) per chain)", enabled=merging)
