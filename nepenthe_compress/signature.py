@@ -18,6 +18,7 @@ from nepenthe_compress.errors import UserError
 Dims = tuple[int | str | None, ...]
 
 MAX_INPUT_BYTES = 4 << 30     # largest input tensor bench / verify will allocate
+MAX_THREADS = 256             # onnxruntime creates every thread up front (5,000 take minutes)
 
 
 @dataclass(frozen=True)

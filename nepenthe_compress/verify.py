@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from nepenthe_compress.errors import UserError
-from nepenthe_compress.signature import onnx_signature
+from nepenthe_compress.signature import MAX_THREADS, onnx_signature
 
 Runner = Callable[[Tensor], list[Tensor]]
 
@@ -28,7 +28,6 @@ ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(double)": np.dtype(np.float64),
     "tensor(float16)": np.dtype(np.float16),
 }
-MAX_THREADS = 256              # onnxruntime creates every thread up front (5,000 take minutes)
 MESSAGE_CHARS = 300            # longest runtime error message passed on
 _ORT_STATUS = re.compile(r"^\s*\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
 
