@@ -6,9 +6,11 @@ import importlib
 import click
 
 from nepenthe_compress import __version__
+from nepenthe_compress.commands.base import Group
 
 # verb -> ("module:attribute" of its click command, one-line help). Commands are imported only when
-# run or asked for their own --help, so the top-level --help never imports torch.
+# run or asked for their own --help, so the top-level --help never imports torch; command modules
+# import nothing heavy either, so usage errors (missing inputs) come at once.
 VERBS: dict[str, tuple[str, str]] = {
     "bench": ("nepenthe_compress.commands.bench:bench",
               "Median onnxruntime latency of ONNX models, interleaved, with speedups."),
@@ -25,7 +27,9 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(Group):
+    """The verbs of ``VERBS``, each imported only when it runs or shows its own --help."""
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(VERBS)
 

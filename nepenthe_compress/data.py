@@ -14,9 +14,11 @@ import pickle
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 import torch
@@ -642,17 +644,109 @@ def split(ds: Dataset, holdout: float, seed: int = 0) -> tuple[Dataset, Dataset]
     return part(calib), part(hold)
 
 
-def load_checkpoint_data(meta: Mapping, src: str | None, *, where: str, limit: int | None = None) -> Dataset:
-    """Data for a checkpoint: ``src`` or the checkpoint's own ``meta["calib"]``, with its
-    normalisation, input shape and ``channels`` (metadata is untrusted: each entry is validated).
-    ``where`` names the checkpoint in the error when neither source exists."""
-    calib = meta.get("calib")
-    if not src and calib is not None and not isinstance(calib, str):
+RANDOM_INPUTS = "random N(0,1)"   # the spec of seeded random inputs
+RANDOM_SEED = 0
+RANDOM_COUNT = 64                 # random samples drawn when no limit is given
+_NO_CALIB = "(a .npz/.pt file with x, an image folder, cifar10:ROOT, mnist or digits)"
+
+
+class RandomInputs(Enum):
+    """When seeded N(0, 1) samples may stand in for data."""
+
+    NEVER = "never"            # measuring needs real data (entropy, fold)
+    FALLBACK = "fallback"      # when no data is named at all (verify)
+    PREFERRED = "preferred"    # unless the user names data or no input shape is known (export)
+
+
+Samples = Union[str, Tensor, np.ndarray, Iterable]   # what a caller may give as data
+
+
+def resolve_inputs(calib: Samples | None, meta: Mapping | None = None, *, where: str = "the model",
+                   limit: int | None = None, random: RandomInputs = RandomInputs.NEVER,
+                   declared_shape: Sequence[int] | None = None, models: Sequence[torch.nn.Module] = ()) -> Dataset:
+    """The samples a model is run on: the one rule every verb (and the Python API) uses.
+
+    In order: ``calib`` (a data spec, a tensor or array, or an iterable of batches or (x, y) batches);
+    with ``PREFERRED``, seeded N(0, 1) samples of the known input shape; the checkpoint's own
+    ``meta["calib"]``; with ``FALLBACK``, random samples. Random inputs are ``limit`` (default
+    ``RANDOM_COUNT``) samples of ``meta["input_shape"]``, else ``declared_shape`` (what a model file
+    declares). ``meta`` is a checkpoint's metadata with the user's overrides (``input_shape``,
+    ``normalize``, ``channels``) merged in; it is untrusted, and every entry is validated. A spec is
+    loaded with ``load_data``; in-memory samples are used as given (no normalisation), checked like
+    loaded ones. Each of ``models`` is checked to take the samples (its first layer) before anything
+    runs. ``where`` names the checkpoint in errors.
+    """
+    from nepenthe_compress.fit import check_fit
+
+    meta = meta or {}
+    shape = meta_input_shape(meta, where)
+    stored = meta.get("calib")
+    if calib is None and stored is not None and not isinstance(stored, str):
         raise DataError(f"checkpoint '{where}': meta.calib must be a string naming the data, got "
-                        f"{type(calib).__name__} {_short(calib)}")
-    spec = src or calib
-    if not spec:
-        raise DataError(f"checkpoint '{where}' names no calibration data: pass --calib SRC "
-                        "(a .npz/.pt file with x, an image folder, cifar10:ROOT, mnist or digits)")
-    return load_data(spec, normalize=meta.get("normalize"), input_shape=meta_input_shape(meta, where),
-                     limit=limit, channels=meta.get("channels"))
+                        f"{type(stored).__name__} {_short(stored)}")
+    random_shape = shape or (None if declared_shape is None else tuple(declared_shape))
+    if calib is not None:
+        data = _user_data(calib, meta, shape, limit)
+    elif random is RandomInputs.PREFERRED and shape:
+        data = _random_data(limit, shape, where, random)
+    elif stored:
+        data = load_data(stored, normalize=meta.get("normalize"), input_shape=shape, limit=limit,
+                         channels=meta.get("channels"))
+    elif random is RandomInputs.NEVER:
+        raise DataError(f"checkpoint '{where}' names no calibration data: pass --calib SRC {_NO_CALIB}")
+    else:
+        data = _random_data(limit, random_shape, where, random)
+    for model in models:
+        check_fit(model, tuple(data.x.shape), random=data.spec == RANDOM_INPUTS)
+    return data
+
+
+def _user_data(calib: Samples, meta: Mapping, shape: tuple[int, ...] | None, limit: int | None) -> Dataset:
+    if isinstance(calib, str):
+        return load_data(calib, normalize=meta.get("normalize"), input_shape=shape, limit=limit,
+                         channels=meta.get("channels"))
+    what = type(calib).__name__
+    try:
+        x = _samples_in_memory(calib)
+        x = _replicate(_to_float(x[torch.from_numpy(_pick(len(x), limit))]), _checked_channels(meta.get("channels")))
+        _check(x, shape)
+    except DataError as e:
+        raise DataError(f"data ({what}): {e}") from e
+    return Dataset(x, None, f"in-memory {what} {tuple(x.shape)}")
+
+
+def _samples_in_memory(calib: object) -> Tensor:
+    """A tensor, an array, or the concatenated ``x`` of an iterable of batches (DataLoader)."""
+    if isinstance(calib, (Tensor, np.ndarray)):
+        return _checked_tensor(_tensor(calib, "x"))
+    if not isinstance(calib, Iterable) or isinstance(calib, (bytes, Mapping)):
+        raise DataError(f"expected a data spec string, a tensor, an array or batches of them, got {type(calib).__name__}")
+    batches, nbytes = [], 0
+    for batch in calib:
+        x = _checked_tensor(_tensor(batch[0] if isinstance(batch, (tuple, list)) else batch, "a batch"))
+        nbytes += x.numel() * max(x.element_size(), FLOAT32_BYTES)
+        if nbytes > MAX_DATA_BYTES:
+            raise DataError(f"batches take {_human(nbytes)}, over the data budget of {_human(MAX_DATA_BYTES)}")
+        batches.append(x)
+    if not batches:
+        raise DataError("no samples (the iterable yielded no batch)")
+    if len({tuple(b.shape[1:]) for b in batches}) > 1:
+        raise DataError(f"batches differ in sample shape ({sorted({tuple(b.shape[1:]) for b in batches})[:2]} ...)")
+    return torch.cat(batches)
+
+
+def _checked_tensor(x: Tensor) -> Tensor:
+    check_data_budget(tuple(x.shape), "x", x.element_size())
+    return x.detach().cpu()
+
+
+def _random_data(limit: int | None, shape: tuple[int, ...] | None, where: str, random: RandomInputs) -> Dataset:
+    if shape is None:
+        raise DataError(f"input shape of '{where}' unknown: pass --input-shape C,H,W or --calib SRC"
+                        if random is RandomInputs.PREFERRED else
+                        "no input data: pass --calib SRC (or --input-shape C,H,W for random inputs)")
+    from nepenthe_compress.signature import check_input_bytes
+
+    count = limit or RANDOM_COUNT
+    check_input_bytes((count, *shape), FLOAT32_BYTES, "random input")
+    return Dataset(random_samples(count, shape, RANDOM_SEED), None, RANDOM_INPUTS)

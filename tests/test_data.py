@@ -34,8 +34,8 @@ from nepenthe_compress.data import (
     checked_input_shape,
     describe_sources,
     iter_batches,
-    load_checkpoint_data,
     load_data,
+    resolve_inputs,
     scan_image_folder,
     split,
 )
@@ -526,7 +526,7 @@ def test_spec_empty_nul_or_too_long(spec: str) -> None:
 @pytest.mark.parametrize("calib", [123, ["mnist"], {"x": 1}, True, 1.5])
 def test_non_string_meta_calib_is_named(calib, monkeypatch) -> None:
     no_source_loads(monkeypatch)
-    msg = one_line_error("meta.calib must be a string", load_checkpoint_data, {"calib": calib}, None, where="ck.pt")
+    msg = one_line_error("meta.calib must be a string", resolve_inputs, None, {"calib": calib}, where="ck.pt")
     assert msg == (f"checkpoint 'ck.pt': meta.calib must be a string naming the data, got "
                    f"{type(calib).__name__} {calib!r}")
 
@@ -534,7 +534,7 @@ def test_non_string_meta_calib_is_named(calib, monkeypatch) -> None:
 def test_non_string_meta_calib_is_ignored_when_the_user_names_data(tmp_path: Path) -> None:
     x = RNG.standard_normal((3, 2)).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=x)
-    ds = load_checkpoint_data({"calib": 123}, str(tmp_path / "d.npz"), where="ck.pt")
+    ds = resolve_inputs(str(tmp_path / "d.npz"), {"calib": 123}, where="ck.pt")
     np.testing.assert_array_equal(ds.x.numpy(), x)
 
 
@@ -559,7 +559,7 @@ def test_meta_input_shape_validated_before_loading(case: str, monkeypatch) -> No
     shape, match = BAD_SHAPES[case]
     no_source_loads(monkeypatch)
     meta = {"calib": "digits", "input_shape": shape}
-    msg = one_line_error(match, load_checkpoint_data, meta, None, where="ck.pt")
+    msg = one_line_error(match, resolve_inputs, None, meta, where="ck.pt")
     assert msg.startswith("input_shape of checkpoint 'ck.pt'")
     one_line_error(match, load_data, "digits", input_shape=shape)
 
@@ -790,8 +790,8 @@ def test_scan_limits(tmp_path: Path, monkeypatch, limit: str, files: dict, match
 
 def test_meta_calib_folder_takes_the_same_path(tmp_path: Path) -> None:
     write_png(tmp_path / "cls" / "sub" / "a.png", u8(4, 4, 3))
-    msg = one_line_error("class folder 'cls' holds no image files", load_checkpoint_data,
-                         {"calib": str(tmp_path)}, None, where="ck.pt")
+    msg = one_line_error("class folder 'cls' holds no image files", resolve_inputs,
+                         None, {"calib": str(tmp_path)}, where="ck.pt")
     assert msg.startswith(f"data {str(tmp_path)!r}")
 
 
@@ -812,8 +812,8 @@ def test_channels_meets_the_input_shape(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", x=u8(4, 1, 5, 5))
     data_error(str(tmp_path / "d.npz"), r"samples have 1 channel\(s\), input_shape expects 3 "
                                         r"\(pass --channels 3 to replicate grey images\)", input_shape=(3, 5, 5))
-    ds = load_checkpoint_data({"calib": str(tmp_path / "d.npz"), "input_shape": [3, 5, 5], "channels": 3}, None,
-                              where="ck.pt")
+    ds = resolve_inputs(None, {"calib": str(tmp_path / "d.npz"), "input_shape": [3, 5, 5], "channels": 3},
+                        where="ck.pt")
     assert tuple(ds.x.shape) == (4, 3, 5, 5) and torch.equal(ds.x[:, 0], ds.x[:, 2])
 
 

@@ -268,9 +268,9 @@ def test_entropy_channels_override_a_recorded_grey_shape(tmp_path: Path, rgb_mod
 
 
 def test_fold_refuses_before_measuring(tmp_path: Path, rgb_model: nn.Module, monkeypatch) -> None:
-    import nepenthe_compress.fold.pipeline as pipeline
+    import nepenthe_compress.workflow.fold as workflow
 
-    monkeypatch.setattr(pipeline, "measure_entropy", lambda *a, **k: pytest.fail("forward pass"))
+    monkeypatch.setattr(workflow, "measure_entropy", lambda *a, **k: pytest.fail("forward pass"))
     ck = rgb_checkpoint(tmp_path, rgb_model, {"calib": str(grey_npz(tmp_path))})
     out = tmp_path / "out"
     line = one_error_line(CliRunner().invoke(main, ["fold", str(ck), "-o", str(out), "--no-bench", "--no-pt2"]))
@@ -278,9 +278,16 @@ def test_fold_refuses_before_measuring(tmp_path: Path, rgb_model: nn.Module, mon
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_export_example_checked(tmp_path: Path, rgb_model: nn.Module) -> None:
-    from nepenthe_compress.commands.export import example_input
+def example_input(ck, calib: str | None, channels: int | None = None) -> torch.Tensor:
+    """What ``export`` runs the model on: the shared input rule, random inputs preferred."""
+    from nepenthe_compress.data import RandomInputs, resolve_inputs
 
+    meta = {**ck.meta, **({"channels": channels} if channels else {})}
+    return resolve_inputs(calib, meta, where=str(ck.path), limit=2, random=RandomInputs.PREFERRED,
+                          models=[ck.model]).x
+
+
+def test_export_example_checked(tmp_path: Path, rgb_model: nn.Module) -> None:
     ck_path = rgb_checkpoint(tmp_path, rgb_model, {})
     res = CliRunner().invoke(main, ["export", str(ck_path), "--input-shape", "1,8,8", "-o", str(tmp_path / "m.onnx")])
     assert one_error_line(res) == ("error: random inputs have 1 channel(s) but the model's first layer conv1 "
@@ -290,18 +297,18 @@ def test_export_example_checked(tmp_path: Path, rgb_model: nn.Module) -> None:
     assert "--channels 3" in one_error_line(res)
     assert not (tmp_path / "m.onnx").exists()
     ck = load_checkpoint(ck_path)
-    x = example_input(ck, str(tmp_path / "grey.npz"), None, 2, channels=3)
+    x = example_input(ck, str(tmp_path / "grey.npz"), channels=3)
     grey = torch.from_numpy(np.load(tmp_path / "grey.npz")["x"])
     assert tuple(x.shape) == (2, 3, 8, 8) and all(torch.equal(x[:, c], x[:, 0]) for c in range(3))
     assert any(torch.equal(x[0, 0], g[0]) for g in grey)
     with pytest.raises(DataError, match=r"input_shape of checkpoint .* must be 1 to 4 positive integers"):
-        example_input(load_checkpoint(rgb_checkpoint(tmp_path, rgb_model, {"input_shape": "3,8,8"})), None, None, 2)
+        example_input(load_checkpoint(rgb_checkpoint(tmp_path, rgb_model, {"input_shape": "3,8,8"})), None)
 
 
 def test_verify_checkpoint_fit_checked_before_comparing(tmp_path: Path, rgb_model: nn.Module, monkeypatch) -> None:
-    import nepenthe_compress.commands.verify as verify_cmd
+    import nepenthe_compress.verify as verify_lib
 
-    monkeypatch.setattr(verify_cmd, "compare_runners", lambda *a, **k: pytest.fail("forward pass"))
+    monkeypatch.setattr(verify_lib, "compare_runners", lambda *a, **k: pytest.fail("forward pass"))
     ck = rgb_checkpoint(tmp_path, rgb_model, {"calib": str(grey_npz(tmp_path))})
     line = one_error_line(CliRunner().invoke(main, ["verify", str(ck), str(ck)]))
     assert "data has 1 channel(s)" in line and "--channels 3" in line

@@ -86,9 +86,11 @@ def flat(output: str) -> str:
 
 
 def assert_one_line_error(res: Result) -> None:
+    """Non-zero exit, stderr ends with the one 'error:' line; only progress lines ('fold: ...') before it."""
     assert res.exit_code != 0
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert lines and lines[-1].startswith("error:"), res.output
+    assert all(ln.startswith("fold: ") for ln in lines[:-1]), res.output
     assert "Traceback" not in res.output
 
 
@@ -192,9 +194,9 @@ def test_outdir_inexact_merge_and_bench(saved: Saved, tmp_path: Path) -> None:
 
 def test_failed_equivalence_exits_non_zero_and_writes_nothing(saved: Saved, tmp_path: Path,
                                                               monkeypatch) -> None:
-    from nepenthe_compress.fold import pipeline
+    from nepenthe_compress.workflow import fold as workflow
 
-    real = pipeline.fold_graph
+    real = workflow.fold_graph
 
     def corrupted(*args, **kwargs):
         folded = real(*args, **kwargs)
@@ -203,7 +205,7 @@ def test_failed_equivalence_exits_non_zero_and_writes_nothing(saved: Saved, tmp_
             conv.weight.add_(0.05)
         return folded
 
-    monkeypatch.setattr(pipeline, "fold_graph", corrupted)
+    monkeypatch.setattr(workflow, "fold_graph", corrupted)
     ckpt = copy_to(saved, tmp_path)
     res = fold(str(ckpt), "--no-bench")
     assert_one_line_error(res)
@@ -212,12 +214,12 @@ def test_failed_equivalence_exits_non_zero_and_writes_nothing(saved: Saved, tmp_
 
 
 def test_failed_onnx_check_after_staging_leaves_no_files(saved: Saved, tmp_path: Path, monkeypatch) -> None:
-    from nepenthe_compress.fold import pipeline
+    from nepenthe_compress.workflow import checks
 
     def mismatch(model, path, batches, tol=1e-5):
         return VerifyResult(1.0, 1.0, None, 1, False, tol)
 
-    monkeypatch.setattr(pipeline, "onnx_matches_torch", mismatch)
+    monkeypatch.setattr(checks, "onnx_matches_torch", mismatch)
     ckpt = copy_to(saved, tmp_path)
     res = fold(str(ckpt), "--no-bench")
     assert_one_line_error(res)
@@ -329,7 +331,7 @@ def test_pt2_size_is_the_model_not_the_data(default_run) -> None:
 
 def _no_work(monkeypatch) -> list[str]:
     """Record (and stop) any attempt to load the checkpoint: preflight errors must come first."""
-    from nepenthe_compress.fold import pipeline
+    from nepenthe_compress import checkpoint
 
     calls: list[str] = []
 
@@ -337,7 +339,7 @@ def _no_work(monkeypatch) -> list[str]:
         calls.append(str(path))
         raise AssertionError("fold loaded the checkpoint before checking its outputs")
 
-    monkeypatch.setattr(pipeline, "load_checkpoint", refuse)
+    monkeypatch.setattr(checkpoint, "load_checkpoint", refuse)
     return calls
 
 
@@ -415,12 +417,12 @@ def test_force_replaces_every_output_at_once(saved: Saved, tmp_path: Path) -> No
 
 def test_force_with_a_failed_fold_keeps_the_old_outputs(saved: Saved, tmp_path: Path, monkeypatch) -> None:
     """--force replaces outputs only when the whole run succeeds (all or nothing)."""
-    from nepenthe_compress.fold import pipeline
+    from nepenthe_compress.workflow import checks
 
     def mismatch(model, path, batches, tol=1e-5):
         return VerifyResult(1.0, 1.0, None, 1, False, tol)
 
-    monkeypatch.setattr(pipeline, "onnx_matches_torch", mismatch)
+    monkeypatch.setattr(checks, "onnx_matches_torch", mismatch)
     ckpt = copy_to(saved, tmp_path)
     for name in OUTPUTS:
         (tmp_path / name).write_bytes(b"earlier\n")

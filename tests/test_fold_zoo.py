@@ -37,7 +37,7 @@ from nepenthe_compress.export import export_onnx
 from nepenthe_compress.fold.core import fold_graph
 from nepenthe_compress.fold.graph import FoldOptions
 from nepenthe_compress.onnx_depth import onnx_depth
-from nepenthe_compress.fold.pipeline import NOISE_FACTOR
+from nepenthe_compress.workflow.checks import NOISE_FACTOR
 from nepenthe_compress.verify import (compare_runners, float32_noise, onnx_runner, torch_runner,
                                      verify_equivalence)
 

@@ -725,13 +725,13 @@ OUTPUTS: dict[str, Callable[[Ws], list[Any]]] = {
 @pytest.mark.parametrize("case", list(OUTPUTS))
 def test_unwritable_output_is_a_clean_error(ws: Ws, case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Unwritable outputs fail cleanly, and fold fails before it measures anything."""
-    import nepenthe_compress.fold.pipeline as pipeline
+    import nepenthe_compress.workflow.fold as workflow
 
     def too_late(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("fold started measuring before it checked its output location")
 
     if case.startswith("fold:"):
-        monkeypatch.setattr(pipeline, "measure_entropy", too_late)
+        monkeypatch.setattr(workflow, "measure_entropy", too_late)
     check(ws, case, OUTPUTS[case](ws))
 
 

@@ -11,10 +11,10 @@ import torch
 from click.testing import CliRunner, Result
 
 from nepenthe_compress.cli import main
-from nepenthe_compress.commands import bench as bench_cmd
-from nepenthe_compress.commands import entropy as entropy_cmd
-from nepenthe_compress.commands import prune as prune_cmd
-from nepenthe_compress.commands import verify as verify_cmd
+from nepenthe_compress import bench as bench_lib
+from nepenthe_compress import checkpoint as checkpoint_lib
+from nepenthe_compress import prune as prune_lib
+from nepenthe_compress.workflow import models as models_lib
 from nepenthe_compress.errors import UserError
 from nepenthe_compress.export import export_onnx
 from nepenthe_compress.io import OutputError, OutputSet, check_writable
@@ -116,7 +116,7 @@ def test_output_set_refuses_a_file_that_appeared_meanwhile(tmp_path: Path) -> No
 @pytest.mark.parametrize("option, name", [("--json", "e.json"), ("--plot", "p.png")])
 def test_entropy_refuses_existing_output_before_loading(saved: Saved, tmp_path: Path, monkeypatch,  # noqa: F811
                                                         option: str, name: str) -> None:
-    calls = record_calls(monkeypatch, entropy_cmd, "load_checkpoint")
+    calls = record_calls(monkeypatch, checkpoint_lib, "load_checkpoint")
     (tmp_path / name).write_bytes(b"earlier\n")
     before = files(tmp_path)
     line = one_error_line(run("entropy", saved.ckpt, option, tmp_path / name))
@@ -125,7 +125,7 @@ def test_entropy_refuses_existing_output_before_loading(saved: Saved, tmp_path: 
 
 
 def test_entropy_unwritable_plot_fails_before_loading(saved: Saved, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
-    calls = record_calls(monkeypatch, entropy_cmd, "load_checkpoint")
+    calls = record_calls(monkeypatch, checkpoint_lib, "load_checkpoint")
     (tmp_path / "blocker").write_text("x")
     line = one_error_line(run("entropy", saved.ckpt, "--plot", tmp_path / "blocker" / "p.png"))
     assert f"'{tmp_path / 'blocker'}' is a file, not a folder" in line and calls == []
@@ -144,7 +144,7 @@ def test_entropy_force_replaces_json_and_plot(saved: Saved, tmp_path: Path) -> N
 
 def test_verify_refuses_existing_json_before_opening_models(saved: Saved, tmp_path: Path,  # noqa: F811
                                                             monkeypatch) -> None:
-    calls = record_calls(monkeypatch, verify_cmd, "open_model")
+    calls = record_calls(monkeypatch, models_lib, "open_model")
     (tmp_path / "v.json").write_bytes(b"earlier\n")
     line = one_error_line(run("verify", saved.ckpt, saved.ckpt, "--json", tmp_path / "v.json"))
     assert "already exists: pass --force" in line
@@ -166,7 +166,7 @@ def tiny_onnx(tmp_path: Path) -> Path:
 
 
 def test_bench_refuses_existing_json_before_timing(tiny_onnx: Path, tmp_path: Path, monkeypatch) -> None:
-    calls = record_calls(monkeypatch, bench_cmd, "compare_latency")
+    calls = record_calls(monkeypatch, bench_lib, "compare_latency")
     (tmp_path / "b.json").write_bytes(b"earlier\n")
     line = one_error_line(run("bench", tiny_onnx, "--json", tmp_path / "b.json"))
     assert "already exists: pass --force" in line
@@ -191,7 +191,7 @@ def _prune(out: Path, *extra: object) -> Result:
 
 @pytest.mark.parametrize("name", ["final.pt", "summary.json", "round_00.pt"])
 def test_prune_refuses_a_folder_with_run_files_it_cannot_resume(tmp_path: Path, monkeypatch, name: str) -> None:
-    calls = record_calls(monkeypatch, prune_cmd, "run_prune")
+    calls = record_calls(monkeypatch, prune_lib, "run_prune")
     (tmp_path / name).write_bytes(b"someone's earlier result\n")
     before = files(tmp_path)
     for extra in ((), ("--resume",)):   # --resume has nothing to continue here: a fresh run would replace it
@@ -202,7 +202,7 @@ def test_prune_refuses_a_folder_with_run_files_it_cannot_resume(tmp_path: Path, 
 
 
 def test_prune_force_or_unrelated_files_let_the_run_start(tmp_path: Path, monkeypatch) -> None:
-    calls = record_calls(monkeypatch, prune_cmd, "run_prune")
+    calls = record_calls(monkeypatch, prune_lib, "run_prune")
     (tmp_path / "notes.txt").write_text("not a run file\n")
     assert one_error_line(_prune(tmp_path)) == "error: stub reached"
     (tmp_path / "final.pt").write_bytes(b"earlier\n")
@@ -225,7 +225,7 @@ def test_prune_keeps_a_resumable_run_even_with_force(tmp_path: Path) -> None:
     (lambda t: Path(UNWRITABLE) / "run", f"folder '{UNWRITABLE}' is not writable"),
 ])
 def test_prune_unwritable_folder_fails_before_any_work(tmp_path: Path, monkeypatch, where, message) -> None:
-    calls = record_calls(monkeypatch, prune_cmd, "run_prune")
+    calls = record_calls(monkeypatch, prune_lib, "run_prune")
     (tmp_path / "blocker").write_text("x")
     line = one_error_line(_prune(where(tmp_path)))
     assert message.format(t=tmp_path) in line and calls == []
@@ -233,7 +233,7 @@ def test_prune_unwritable_folder_fails_before_any_work(tmp_path: Path, monkeypat
 
 
 def test_prune_json_is_checked_before_any_work(tmp_path: Path, monkeypatch) -> None:
-    calls = record_calls(monkeypatch, prune_cmd, "run_prune")
+    calls = record_calls(monkeypatch, prune_lib, "run_prune")
     (tmp_path / "p.json").write_bytes(b"earlier\n")
     line = one_error_line(_prune(tmp_path / "run", "--json", tmp_path / "p.json"))
     assert "already exists: pass --force" in line and calls == []

@@ -1,21 +1,26 @@
-"""Options and error handling shared by every verb."""
+"""Options, output and error handling shared by every verb."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.markup import escape
 
+from nepenthe_compress.commands.base import one_line
 from nepenthe_compress.errors import UserError
 from nepenthe_compress.io import atomic_write_text, json_default
 
+# Never forced: rich leaves colour out when NO_COLOR is set or the stream is not a terminal.
 console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
+TABLE_WIDTH = 500   # widest table printed to a file or pipe (at its natural width, never cut)
 
 
 def out_console(json_path: str | None) -> Console:
@@ -23,10 +28,13 @@ def out_console(json_path: str | None) -> Console:
     return err_console if json_path == "-" else console
 
 
-def one_line(message: str) -> str:
-    """``message`` as one printable line: control characters (newlines in a path, terminal escape
-    sequences read from a file) are shown escaped, never sent to the terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message.strip())
+def print_table(out: Console, renderable: RenderableType) -> None:
+    """Print ``renderable``; a file or pipe gets it at its natural width (not 80 columns), so no cell
+    is cut or wrapped."""
+    if not out.is_terminal:
+        width = out.measure(renderable, options=out.options.update_width(TABLE_WIDTH)).maximum
+        out = Console(file=out.file, width=width, highlight=False)
+    out.print(renderable)
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -51,16 +59,82 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def report_load(loaded: Any) -> None:
-    """Print what loading a checkpoint changed (``note:``) or doubts (``warning:``) on stderr."""
-    print_notes(loaded.notes, loaded.warnings)
+QUIET, NORMAL, VERBOSE = 0, 1, 2
 
 
-def print_notes(notes: list[str], warnings: list[str]) -> None:
-    for note in notes:
-        err_console.print(f"[cyan]note:[/] {escape(note)}", soft_wrap=True)
-    for warning in warnings:
-        err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+class Ui:
+    """What a verb says besides its result, on stderr: progress steps (a spinner on a terminal;
+    plain ``fold: exporting ONNX...`` lines otherwise, or with --verbose, with the elapsed time),
+    notes and warnings. --quiet keeps only warnings and errors (and the --json output)."""
+
+    def __init__(self, verb: str, level: int = NORMAL) -> None:
+        self.verb, self.level = verb, level
+        self._start = time.monotonic()
+        self._status: Any = None
+
+    @property
+    def quiet(self) -> bool:
+        return self.level == QUIET
+
+    @property
+    def bars(self) -> bool:
+        """Whether a long loop may draw a progress bar (a terminal, default verbosity)."""
+        return self.level == NORMAL and err_console.is_terminal
+
+    def step(self, message: str) -> None:
+        if self.quiet:
+            return
+        if self._status is not None:
+            self._status.update(escape(f"{message}..."))
+        elif self.level == VERBOSE or not err_console.is_terminal:
+            elapsed = f"[{time.monotonic() - self._start:.1f} s] " if self.level == VERBOSE else ""
+            err_console.print(f"{self.verb}: {elapsed}{message}...", markup=False, soft_wrap=True)
+
+    @contextlib.contextmanager
+    def working(self, message: str) -> Iterator[None]:
+        """A spinner on a terminal (default verbosity) for the block, updated by ``step``."""
+        if not self.bars:
+            yield
+            return
+        with err_console.status(escape(f"{message}...")) as status:
+            self._status = status
+            try:
+                yield
+            finally:
+                self._status = None
+
+    def notes(self, notes: list[str], warnings: list[str]) -> None:
+        """What loading changed (``note:``, not with --quiet) or doubts (``warning:``)."""
+        for note in [] if self.quiet else notes:
+            err_console.print(f"[cyan]note:[/] {escape(note)}", soft_wrap=True)
+        for warning in warnings:
+            err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", soft_wrap=True)
+
+    def show(self, renderable: RenderableType, json_path: str | None = None) -> None:
+        """The verb's result (a table or a line), unless --quiet."""
+        if not self.quiet:
+            print_table(out_console(json_path), renderable)
+
+
+def _exclusive(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    other = "verbose" if param.name == "quiet" else "quiet"
+    if value and ctx.params.get(other):
+        raise click.UsageError("--quiet and --verbose exclude each other", ctx)
+    return value
+
+
+def ui_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """-q/--quiet and -v/--verbose, passed on as ``ui`` (a ``Ui`` named after the verb)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, quiet: bool, verbose: bool, **kwargs: Any) -> Any:
+        verb = click.get_current_context().info_name or "nepenthe-compress"
+        return fn(*args, ui=Ui(verb, QUIET if quiet else VERBOSE if verbose else NORMAL), **kwargs)
+
+    wrapper = click.option("-v", "--verbose", is_flag=True, is_eager=True, callback=_exclusive,
+                           help="Print every step with its elapsed time (also on a terminal).")(wrapper)
+    return click.option("-q", "--quiet", is_flag=True, is_eager=True, callback=_exclusive,
+                        help="Print only warnings and errors (and --json output).")(wrapper)
 
 
 def _parse_kv_option(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, Any]:
@@ -184,6 +258,30 @@ json_option = click.option("--json", "json_path", type=click.Path(), default=Non
 force_option = click.option("--force", is_flag=True, default=False,
                             help="Replace output files that already exist (still all or nothing); without it "
                                  "the command refuses before doing any work.")
+
+
+def _alias_name(alias: str) -> str:
+    return "output_alias_" + alias.lstrip("-").replace("-", "_")
+
+
+def output_option(help: str, *aliases: str, metavar: str = "PATH") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """-o/--output, passed on as ``output``; ``aliases`` (a verb's earlier long names, e.g. --outdir)
+    are still accepted but hidden from --help."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, output: str | None, **kwargs: Any) -> Any:
+            given = {v for v in (output, *(kwargs.pop(_alias_name(a)) for a in aliases)) if v is not None}
+            if len(given) > 1:
+                raise click.UsageError(f"-o/--output given twice, as {' and '.join(sorted(given))}")
+            return fn(*args, output=given.pop() if given else None, **kwargs)
+
+        for alias in aliases:
+            wrapper = click.option(alias, _alias_name(alias), type=click.Path(), default=None, hidden=True)(wrapper)
+        return click.option("-o", "--output", "output", type=click.Path(), default=None, metavar=metavar,
+                            help=help)(wrapper)
+
+    return decorate
 
 
 def parse_kv(pairs: tuple[str, ...]) -> dict[str, Any]:

@@ -1,12 +1,16 @@
 """``entropy``: per-site neuron states and layer entropy of a checkpoint on calibration data."""
 from __future__ import annotations
 
-import click
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING
 
-from nepenthe_compress.checkpoint import LoadOptions, load_checkpoint
+import click
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from nepenthe_compress.commands.base import Command
 from nepenthe_compress.commands.common import (
+    Ui,
     batch_option,
     checkpoint_options,
     data_options,
@@ -16,20 +20,22 @@ from nepenthe_compress.commands.common import (
     json_option,
     leaf_option,
     limit_option,
-    out_console,
-    report_load,
+    ui_options,
     user_errors,
 )
-from nepenthe_compress.data import iter_batches, load_checkpoint_data
-from nepenthe_compress.entropy import EntropyReport, measure_entropy
-from nepenthe_compress.fit import check_fit
+from nepenthe_compress.commands.fold import calib_need
 from nepenthe_compress.io import check_writable
-from nepenthe_compress.plot import plot_entropy, plot_format, site_labels
+
+if TYPE_CHECKING:
+    from nepenthe_compress.checkpoint import LoadOptions
+    from nepenthe_compress.entropy import EntropyReport
 
 
 def entropy_table(report: EntropyReport) -> Table:
     """One row per site: neuron counts per constant state, mixed neurons, entropy (mean over all
     neurons, and over mixed neurons only as EGP reports it), zero-entropy mark."""
+    from nepenthe_compress.plot import site_labels
+
     caption = (f"zero-entropy sites {len(report.zero_entropy_sites)}/{len(report.sites)}  "
                "(entropy in bits, mean over all neurons and over mixed neurons only, as EGP reports)")
     if any(not s.exact for s in report.sites):
@@ -46,14 +52,14 @@ def entropy_table(report: EntropyReport) -> Table:
         always = s.always()
         on = always.get("ON", always.get("LINEAR", 0))
         saturated = str(always["SATURATED"]) if "SATURATED" in always else "-"
-        table.add_row(label, s.kind + ("" if s.exact else "~"), str(s.neurons), str(always["OFF"]), str(on),
+        table.add_row(escape(label), s.kind + ("" if s.exact else "~"), str(s.neurons), str(always["OFF"]), str(on),
                       saturated, str(s.mixed), f"{s.entropy:.4f}", f"{s.entropy_mixed:.4f}",
                       "[bold green]yes[/]" if s.zero_entropy else "",
                       style="bold" if s.zero_entropy else None)
     return table
 
 
-@click.command("entropy")
+@click.command("entropy", cls=Command, needs=[calib_need("ckpt")])
 @click.argument("ckpt")
 @checkpoint_options
 @data_options
@@ -64,33 +70,40 @@ def entropy_table(report: EntropyReport) -> Table:
               help="Write the neuron-state figure here (.png, .svg or .pdf).")
 @leaf_option
 @force_option
+@ui_options
 @user_errors
 def entropy(ckpt: str, load: LoadOptions, calib: str | None, input_shape: tuple[int, ...] | None,
             normalize: dict | None, channels: int | None, limit: int | None,
             batch_size: int, json_path: str | None, plot_path: str | None,
-            leaf: tuple[str, ...], force: bool) -> None:
+            leaf: tuple[str, ...], force: bool, ui: Ui) -> None:
     """Measure, per activation site of CKPT, how many neurons never change state on calibration data.
 
     A site whose neurons are all always-OFF / always-ON (or LINEAR / SATURATED) has zero entropy: on
     that data it is a linear map that `fold` can remove.
     """
+    from nepenthe_compress.plot import plot_format
+
     if plot_path is not None:
         plot_format(plot_path)  # fail before the work, not after it
     check_writable([json_path, plot_path], force, inputs=[ckpt])
+    from nepenthe_compress.checkpoint import load_checkpoint
+    from nepenthe_compress.data import iter_batches, resolve_inputs
+    from nepenthe_compress.entropy import measure_entropy
+    from nepenthe_compress.plot import plot_entropy
+
     loaded = load_checkpoint(ckpt, **load.as_kwargs())
-    report_load(loaded)
+    ui.notes(loaded.notes, loaded.warnings)
     meta = {**loaded.meta, **data_overrides(input_shape, normalize, channels)}
-    data = load_checkpoint_data(meta, calib, where=ckpt, limit=limit)
-    check_fit(loaded.model, tuple(data.x.shape))
-    report = measure_entropy(loaded.model, list(iter_batches(data.x, batch_size)), progress=True,
+    data = resolve_inputs(calib, meta, where=ckpt, limit=limit, models=[loaded.model])
+    ui.step(f"measuring neuron states on {len(data)} samples")
+    report = measure_entropy(loaded.model, list(iter_batches(data.x, batch_size)), progress=ui.bars,
                              leaf_modules=leaf)
-    out = out_console(json_path)
-    table = entropy_table(report)
-    if not out.is_terminal:  # a file or pipe gets the table's natural width, not 80 columns
-        out = Console(file=out.file, width=out.measure(table, options=out.options.update_width(500)).maximum)
-    out.print(table)
+    ui.show(entropy_table(report), json_path)
     if linear := loaded.meta.get("linearised_sites"):
-        out.print(f"already linear in the checkpoint (replaced by identity when pruned): {', '.join(linear)}")
+        ui.show(Text(f"already linear in the checkpoint (replaced by identity when pruned): {', '.join(linear)}"),
+                json_path)
     emit_json(report.to_dict(), json_path)
     if plot_path is not None:
-        out.print(f"plot written to {plot_entropy(report, plot_path)}")
+        ui.step(f"drawing {plot_path}")
+        written = plot_entropy(report, plot_path)
+        ui.show(Text(f"plot written to {written}"), json_path)

@@ -2,48 +2,30 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
-from torch import Tensor
 
-from nepenthe_compress.checkpoint import LoadedCheckpoint, LoadOptions, load_checkpoint
+from nepenthe_compress.commands.base import Command
 from nepenthe_compress.commands.common import (
+    Ui,
     channels_option,
     checkpoint_options,
     emit_json,
     force_option,
     input_shape_option,
     json_option,
-    out_console,
-    report_load,
+    output_option,
+    ui_options,
     user_errors,
 )
-from nepenthe_compress.data import load_checkpoint_data, meta_input_shape, random_samples
 from nepenthe_compress.errors import UserError
-from nepenthe_compress.export import export_onnx, export_pt2
-from nepenthe_compress.fit import check_fit
-from nepenthe_compress.io import OutputSet, check_writable
-from nepenthe_compress.onnx_depth import OnnxSummary, onnx_summary
+from nepenthe_compress.io import check_writable
 
-EXAMPLE_SEED = 0
-
-
-def example_input(ck: LoadedCheckpoint, calib: str | None, input_shape: tuple[int, ...] | None,
-                  batch_size: int, channels: int | None = None) -> Tensor:
-    """--calib data, else random N(0,1) of the known input shape, else the checkpoint's own calib data;
-    checked to fit the model's first layer."""
-    shape = input_shape or meta_input_shape(ck.meta, str(ck.path))
-    if calib or (not shape and ck.meta.get("calib") is not None):
-        meta = {**ck.meta, "input_shape": shape, "channels": channels}
-        x = load_checkpoint_data(meta, calib, where=str(ck.path), limit=batch_size).x
-        check_fit(ck.model, tuple(x.shape))
-        return x
-    if not shape:
-        raise UserError(f"input shape of '{ck.path}' unknown: pass --input-shape C,H,W or --calib SRC")
-    x = random_samples(batch_size, shape, EXAMPLE_SEED)
-    check_fit(ck.model, tuple(x.shape), random=True)
-    return x
+if TYPE_CHECKING:
+    from nepenthe_compress.checkpoint import LoadOptions
+    from nepenthe_compress.onnx_depth import OnnxSummary
 
 
 def output_paths(ckpt: str, output: str | None, pt2: bool) -> list[Path]:
@@ -68,13 +50,12 @@ def render_summary(paths: list[Path], summary: OnnxSummary) -> Table:
     return table
 
 
-@click.command("export")
+@click.command("export", cls=Command)
 @click.argument("ckpt", type=click.Path(exists=True, dir_okay=False))
 @checkpoint_options
 @input_shape_option
 @channels_option
-@click.option("-o", "--output", type=click.Path(), default=None,
-              help="ONNX file to write [default: CKPT with suffix .onnx].")
+@output_option("ONNX file to write [default: CKPT with suffix .onnx].", metavar="FILE")
 @click.option("--opset", type=click.IntRange(min=7), default=18, show_default=True, help="ONNX opset version.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
               help="Batch size of the example input used for export.")
@@ -82,10 +63,11 @@ def render_summary(paths: list[Path], summary: OnnxSummary) -> Table:
 @click.option("--pt2", is_flag=True, help="Also write a torch.export program (.pt2) next to the ONNX file.")
 @json_option
 @force_option
+@ui_options
 @user_errors
 def export(ckpt: str, load: LoadOptions, calib: str | None,
            input_shape: tuple[int, ...] | None, channels: int | None, output: str | None, opset: int,
-           batch_size: int, static_batch: bool, pt2: bool, json_path: str | None, force: bool) -> None:
+           batch_size: int, static_batch: bool, pt2: bool, json_path: str | None, force: bool, ui: Ui) -> None:
     """Export checkpoint CKPT to ONNX (checked against torch in onnxruntime) and report its depth.
 
     Refuses up front when an output (the .onnx, the .pt2, --json's file) exists, unless --force. A
@@ -93,14 +75,24 @@ def export(ckpt: str, load: LoadOptions, calib: str | None,
     """
     paths = output_paths(ckpt, output, pt2)
     check_writable([*paths, json_path], force, inputs=[ckpt])  # before any work
+    from nepenthe_compress.checkpoint import load_checkpoint
+    from nepenthe_compress.data import RandomInputs, resolve_inputs
+    from nepenthe_compress.export import export_onnx, export_pt2
+    from nepenthe_compress.io import OutputSet
+    from nepenthe_compress.onnx_depth import onnx_summary
+
     ck = load_checkpoint(ckpt, **load.as_kwargs())
-    report_load(ck)
-    example = example_input(ck, calib, input_shape, batch_size, channels)
+    ui.notes(ck.notes, ck.warnings)
+    overrides = {k: v for k, v in (("input_shape", input_shape), ("channels", channels)) if v is not None}
+    example = resolve_inputs(calib, {**ck.meta, **overrides}, where=str(ck.path), limit=batch_size,
+                             random=RandomInputs.PREFERRED, models=[ck.model]).x
     with OutputSet(force=force) as out:  # both files or neither
+        ui.step(f"exporting {paths[0]}")
         staged_onnx = export_onnx(ck.model, example, out.stage(paths[0]), opset=opset, dynamic_batch=not static_batch)
         summary = onnx_summary(staged_onnx)
         if pt2:
+            ui.step(f"exporting {paths[1]}")
             export_pt2(ck.model, example, out.stage(paths[1]), dynamic_batch=not static_batch)
-    out_console(json_path).print(render_summary(paths, summary))
+    ui.show(render_summary(paths, summary), json_path)
     emit_json({"files": [str(p) for p in paths], "opset": opset, "dynamic_batch": not static_batch,
                **summary.to_dict()}, json_path)
