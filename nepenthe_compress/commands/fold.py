@@ -53,12 +53,12 @@ def calib_need(argument: str) -> Need:
 @click.option("--channel-align", type=click.IntRange(min=1), default=8, show_default=True, metavar="N",
               help="Keep channel counts left by drops multiples of N (onnxruntime's fast conv kernels "
                    "need input channels in multiples of 4); 1 drops every constant channel.")
-@click.option("--holdout", type=float, default=0.2, show_default=True,
+@click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,
               help="Fraction of the data held out to check that the recorded states generalise.")
 @limit_option
 @batch_option
 @click.option("--bench/--no-bench", default=True, show_default=True, help="Measure onnxruntime latency before/after.")
-@click.option("--repeats", type=int, default=20, show_default=True, help="Latency repeats (median).")
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="Latency repeats (median).")
 @click.option("--pt2/--no-pt2", default=True, show_default=True, help="Also save the folded torch.export program.")
 @leaf_option
 @json_option
