@@ -1,7 +1,7 @@
 """`nepenthe-compress fold` end to end (click CliRunner) on a small saved checkpoint.
 
 The checkpoint is cifar_resnet18 (1 input channel, width 0.125: 8..64 channels) on 16x16 inputs,
-with neuron states engineered on its calibration npz (helpers from test_fold_zoo): the inner ReLUs
+with neuron states engineered on its calibration npz (tests/kit.py): the inner ReLUs
 of layer1.0 and layer3.1 are always ON (2 of the 17 sites) and 2 channels after layer2.0.conv1 are
 dead. Its BasicBlocks are 3x3 pad 1 -> 3x3 pad 1 (border-inexact), so by default nothing merges.
 """
@@ -26,7 +26,7 @@ from nepenthe_compress.data import Dataset, split
 from nepenthe_compress.entropy import measure_entropy
 from nepenthe_compress.onnx_depth import onnx_depth, onnx_param_count
 from nepenthe_compress.verify import VerifyResult, compare_runners, onnx_runner, torch_runner
-from test_fold_zoo import DEAD, ON, calibrate, engineer, quiet_residuals
+from kit import DEAD, ON, calibrate, engineer, quiet_residuals
 
 ARCH, KWARGS = "cifar_resnet18", {"num_classes": 10, "in_channels": 1, "width": 0.125}
 SITES = ["layer1_0_relu", "layer3_1_relu"]       # engineered always-ON sites

@@ -1,7 +1,8 @@
 """The fold pass on real torchvision architectures whose neuron states the TEST engineers.
 
 Every model is random (weights=None, num_classes=10) and prepared in three steps on its own small
-input batch ``x`` (the same batch is then measured, folded on and compared on):
+input batch ``x`` (the same batch is then measured, folded on and compared on), with the
+shared test kit (tests/kit.py):
 
 1. calibrate: every BatchNorm's running mean/var are set from its actual (eval) input, and the
    biases of chosen Linear layers are centred, so every rectifier input has zero mean per neuron:
@@ -27,11 +28,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.models import VisionTransformer
 
+from kit import DEAD, LINEAR6, ON, calibrate, engineer, quiet_residuals
 from nepenthe_compress.entropy import EntropyReport, measure_entropy
 from nepenthe_compress.export import export_onnx
 from nepenthe_compress.fold.core import fold_graph
@@ -43,100 +44,6 @@ from nepenthe_compress.verify import (compare_runners, float32_noise, onnx_runne
 
 EXACT = 1e-5          # float32: max|diff| / max|ref| (DESIGN 4)
 EXACT64 = 1e-10       # float64 fold of float64 models
-RESIDUAL_GAIN = 0.1
-NORM = nn.modules.batchnorm._BatchNorm
-ON, LINEAR6, DEAD = "on", "linear6", "dead"
-
-
-# ---- engineering ----------------------------------------------------------------------------------
-
-def _axis(m: nn.Module) -> int:
-    return 1 if isinstance(m, NORM) else -1
-
-
-def _per_channel(m: nn.Module, t: Tensor) -> Tensor:
-    """``t`` as [channels, everything else] along ``m``'s channel axis."""
-    axis = _axis(m) % t.dim()
-    return t.detach().transpose(0, axis).reshape(t.shape[axis], -1)
-
-
-def _run(m: nn.Module, x: Tensor) -> Tensor:
-    """``m(x)`` without hooks (BN in eval)."""
-    if isinstance(m, NORM):
-        return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
-    return F.linear(x, m.weight, m.bias)
-
-
-@torch.no_grad()
-def _with_hooks(model: nn.Module, x: Tensor, pre: dict, post: dict) -> None:
-    handles = [m.register_forward_pre_hook(h) for m, h in pre.items()]
-    handles += [m.register_forward_hook(h) for m, h in post.items()]
-    try:
-        model.eval()(x)
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def calibrate(model: nn.Module, x: Tensor, centre: list[nn.Linear] = ()) -> None:
-    """BN running stats from each BN's own input; ``centre`` Linear outputs get zero mean."""
-    def stats(bn, args):
-        z = _per_channel(bn, args[0])
-        bn.running_mean.copy_(z.mean(1))
-        bn.running_var.copy_(z.var(1, unbiased=False))
-
-    def centred(lin, args, out):
-        mean = _per_channel(lin, out).mean(1)
-        lin.bias.sub_(mean)
-        return out - mean
-
-    bns = [m for m in model.modules() if isinstance(m, NORM)]
-    _with_hooks(model, x, {bn: stats for bn in bns}, {lin: centred for lin in centre})
-
-
-def engineer(model: nn.Module, x: Tensor, edits: dict[nn.Module, tuple[str, list[int] | None]]) -> None:
-    """Re-map the output channels of BN / Linear modules (``kind``, channels or None for all):
-    ON z -> z + 1 - min(z); LINEAR6 z -> [1, 5]; DEAD z -> -1. Later BN / Linear inputs keep
-    their pre-edit mean (BN running_mean, Linear bias compensated)."""
-    followers = [m for m in model.modules() if isinstance(m, (NORM, nn.Linear))]
-    before: dict[nn.Module, Tensor] = {}
-
-    def record(m, args):
-        before.setdefault(m, _per_channel(m, args[0]).mean(1))
-
-    _with_hooks(model, x, {m: record for m in followers}, {})
-
-    def keep_mean(m, args):
-        delta = _per_channel(m, args[0]).mean(1) - before[m]
-        if isinstance(m, NORM):
-            m.running_mean.add_(delta)
-        elif m.bias is not None:
-            m.bias.sub_(m.weight @ delta)
-
-    def remap(m, args, out):
-        kind, channels = edits[m]
-        z = _per_channel(m, out)
-        idx = torch.arange(len(z)) if channels is None else torch.tensor(channels)
-        lo, hi = z.min(1).values[idx], z.max(1).values[idx]
-        s, t = torch.ones(len(z)), torch.zeros(len(z))
-        if kind == ON:
-            t[idx] = 1 - lo
-        elif kind == LINEAR6:
-            s[idx] = 4 / (hi - lo)
-            t[idx] = 1 - s[idx] * lo
-        else:
-            s[idx], t[idx] = 0.0, -1.0
-        m.weight.mul_(s if isinstance(m, NORM) else s[:, None])
-        m.bias.mul_(s).add_(t)
-        return _run(m, args[0])
-
-    _with_hooks(model, x, {m: keep_mean for m in followers}, {m: remap for m in edits})
-
-
-@torch.no_grad()
-def quiet_residuals(bns: list[nn.Module]) -> None:
-    for bn in bns:
-        bn.weight.mul_(RESIDUAL_GAIN)
 
 
 def _data(*shape: int) -> Tensor:

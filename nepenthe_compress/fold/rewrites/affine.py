@@ -16,9 +16,6 @@ from nepenthe_compress.fold.modules import ChannelAffine
 from nepenthe_compress.fold.protocol import Rewrite
 from nepenthe_compress.fold.rewriter import GraphRewriter
 
-TESTS = "tests/fold/test_affine.py"
-
-
 def _matching(rw: GraphRewriter, predicate) -> Iterator[fx.Node]:
     return (n for n in rw.nodes() if predicate(rw, n))
 
@@ -40,7 +37,7 @@ def _drop_noop(rw: GraphRewriter, node: fx.Node) -> None:
 DROP_NOOP = Rewrite(
     name="drop_eval_noop",
     pattern="Dropout | Identity | identity affine -> (removed)",
-    algebra=(), exactness="always (eval mode)", tests=TESTS,
+    algebra=(), exactness="always (eval mode)", tests="tests/fold/test_drop_eval_noop.py",
     match=lambda rw: _matching(rw, _is_noop), plan=lambda rw, node: node, apply=_drop_noop)
 
 
@@ -60,7 +57,8 @@ def _bn_plan(rw: GraphRewriter, node: fx.Node) -> tuple[fx.Node, ChannelAffine] 
 BATCHNORM = Rewrite(
     name="batchnorm_to_affine",
     pattern="BatchNorm (eval) -> per-channel affine",
-    algebra=(A.batchnorm_affine,), exactness="always (eval mode; needs running statistics)", tests=TESTS,
+    algebra=(A.batchnorm_affine,), exactness="always (eval mode; needs running statistics)",
+    tests="tests/fold/test_batchnorm_to_affine.py",
     match=lambda rw: _matching(rw, lambda rw, n: ops.is_batchnorm(rw.gm, n)),
     plan=_bn_plan, apply=lambda rw, p: rw.set_module(*p))
 
@@ -103,7 +101,7 @@ INTO_PRODUCER = Rewrite(
     name="affine_into_producer",
     pattern="conv | linear | conv_transpose -> per-channel affine",
     algebra=(A.conv_then_affine, A.linear_then_affine, A.conv_transpose_then_affine),
-    exactness="always", tests=TESTS,
+    exactness="always", tests="tests/fold/test_affine_into_producer.py",
     match=_into_producer_match, plan=_into_producer_plan, apply=_into_producer_apply)
 
 
@@ -145,7 +143,7 @@ INTO_CONSUMERS = Rewrite(
     pattern="per-channel affine -> conv | linear (every user)",
     algebra=(A.affine_then_conv, A.affine_then_linear),
     exactness="always; a zero-padded conv gets a border bias map for the recorded input size",
-    tests=TESTS,
+    tests="tests/fold/test_affine_into_consumers.py",
     match=_into_consumers_match, plan=_into_consumers_plan, apply=_into_consumers_apply)
 
 
@@ -181,5 +179,5 @@ LAYERNORM = Rewrite(
     name="layernorm_affine_into_linears",
     pattern="LayerNorm(affine) -> linear (every user)",
     algebra=(A.affine_then_linear,), exactness="always (the LayerNorm keeps its normalisation)",
-    tests=TESTS,
+    tests="tests/fold/test_layernorm_affine_into_linears.py",
     match=_layernorm_match, plan=_layernorm_plan, apply=_layernorm_apply)

@@ -73,5 +73,5 @@ LINEARISE = Rewrite(
     algebra=(site_affine,),
     exactness="exact on inputs where the recorded states hold; smooth rectifiers (GELU, SiLU, ...) "
               "only with --approximate (error measured)",
-    tests="tests/fold/test_linearise.py",
+    tests="tests/fold/test_linearise_site.py",
     match=match, plan=plan, apply=apply)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from nepenthe_compress.fold.algebra import (
     ConvSpec, ConvTransposeSpec, LinearSpec, NotExact, add_convs, add_linears, affine_then_conv,
     affine_then_linear, batchnorm_affine, compose_convs, compose_linears, conv_then_affine, conv_transpose_then_affine,
-    drop_in_channels, drop_out_channels, expand_groups, identity_conv, linear_then_affine, regroup)
+    drop_conv_inputs, drop_conv_outputs, drop_depthwise_channels, drop_in_channels, drop_linear_inputs,
+    drop_linear_outputs, drop_out_channels, expand_groups, identity_conv, identity_linear, linear_then_affine, regroup)
 
 D = torch.float64
 TOL = 1e-10
@@ -431,3 +432,47 @@ def test_drop_channels_of_grouped_conv():
     keep = torch.tensor([True, True, False, False, True, True])
     w2, b2 = drop_out_channels(w, bias, keep, groups=3)
     assert torch.equal(w2, w[[0, 1, 4, 5]]) and torch.equal(b2, bias[[0, 1, 4, 5]])
+
+
+def test_drop_constant_channels_between_two_convs():
+    """a's channels 1 and 3 are constants (0.5 and -2): dropped from a (bias map rows too) and from
+    b, where they become a bias map (varying on the border ring when b is zero-padded)."""
+    hw = (7, 9)
+    keep = torch.tensor([True, False, True, False, True])
+    values = torch.tensor([0.0, 0.5, 0.0, -2.0, 0.0], dtype=D)
+    a = conv(3, 5, k=3, p=1)
+    a = ConvSpec(a.weight, a.bias, a.stride, a.padding, bias_map=torch.randn(5, *hw, dtype=D))
+    x = x_of(3, hw)
+    y = run(a, x)
+    held = torch.where(keep[:, None, None], y, values[:, None, None])  # what b reads
+    a2 = drop_conv_outputs(a, keep)
+    assert_close(run(a2, x), y[:, keep])
+    assert a2.bias_map.shape == (3, *hw)
+    for b, ring in ((conv(5, 4, k=3, p=1), True), (conv(5, 4, k=3), False)):
+        b2 = drop_conv_inputs(b, keep, values, hw)
+        assert b2.in_channels == 3 and b2.groups == 1
+        flat = b2.bias_map - b2.bias_map[:, 1:2, 1:2]
+        assert bool(flat.abs().max() > 1e-6) == ring
+        assert_close(run(b2, y[:, keep]), run(b, held))
+    zero = drop_conv_inputs(conv(5, 4, k=3, p=1), keep, torch.zeros(5, dtype=D), hw)
+    assert zero.bias_map is None
+
+
+def test_drop_linear_channels_and_depthwise():
+    keep = torch.tensor([False, True, True, False])
+    values = torch.tensor([1.5, 0.0, 0.0, -0.25], dtype=D)
+    lin = LinearSpec(torch.randn(3, 4, dtype=D), torch.randn(3, dtype=D))
+    z = torch.randn(5, 2, 4, dtype=D)
+    held = torch.where(keep, z, values)
+    assert_close(drop_linear_inputs(lin, keep, values).forward(z[..., keep]), lin.forward(held))
+    out = drop_linear_outputs(lin, torch.tensor([True, False, True]))
+    assert_close(out.forward(z), lin.forward(z)[..., [0, 2]])
+    dw = conv(4, 4, k=3, p=1, g=4)
+    x = x_of(4)
+    assert_close(run(drop_depthwise_channels(dw, keep), x[:, keep]), run(dw, x)[:, keep])
+    assert drop_depthwise_channels(dw, keep).groups == 2
+
+
+def test_identity_linear():
+    z = torch.randn(3, 5, dtype=D)
+    assert torch.equal(identity_linear(5, D).forward(z), z)
