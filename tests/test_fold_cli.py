@@ -129,6 +129,14 @@ def test_report_counts_the_engineered_sites_and_channels(default_run) -> None:
     assert not [e for e in report["events"] if e["action"] == "merge"]
 
 
+def test_progress_lines_on_stderr_when_not_a_terminal(default_run) -> None:
+    res, folder, _ = default_run
+    assert res.stderr.splitlines() == [
+        "fold: measuring neuron states on 32 samples...", "fold: folding...",
+        "fold: checking the folded model on 32 + 8 samples...", "fold: exporting ONNX and .pt2...",
+        "fold: checking the ONNX model in onnxruntime...", f"fold: writing {folder}..."]
+
+
 def test_table_shows_the_channels_kept_for_alignment(default_run) -> None:
     res, _, _ = default_run
     assert f"0 (+{DEAD_CHANNELS} kept for alignment to 8)" in res.output
@@ -277,8 +285,8 @@ def test_checkpoint_with_sites_already_linearised(saved: Saved, tmp_path: Path) 
     save_checkpoint(ckpt, copy.deepcopy(saved.model), ARCH, KWARGS,
                     meta={"calib": str(saved.calib), "input_shape": [1, 16, 16],
                           "linearised_sites": ["layer2_1_relu"]})
-    res = fold(str(ckpt), "--no-bench", "--no-pt2")
-    assert res.exit_code == 0, res.output
+    res = fold(str(ckpt), "--no-bench", "--no-pt2", "--quiet")
+    assert (res.exit_code, res.stdout, res.stderr) == (0, "", ""), res.output   # --quiet: nothing but errors
     report = json.loads((tmp_path / f"{STEM}.report.json").read_text())
     assert report["sites"]["total"] == TOTAL_SITES
     assert report["sites"]["linear_in_checkpoint"] == ["layer2_1_relu"]
@@ -404,8 +412,12 @@ def test_force_replaces_every_output_at_once(saved: Saved, tmp_path: Path) -> No
     old = {name: f"stale {name}\n".encode() for name in [*OUTPUTS, "r.json"]}
     for name, data in old.items():
         (tmp_path / name).write_bytes(data)
-    res = fold(str(ckpt), "--no-bench", "--force", "--json", str(tmp_path / "r.json"))
+    res = fold(str(ckpt), "--no-bench", "--force", "--json", str(tmp_path / "r.json"), "--verbose")
     assert res.exit_code == 0, res.output
+    steps = [re.fullmatch(r"fold: \[(\d+\.\d) s\] (.*)\.\.\.", ln) for ln in res.stderr.splitlines()]
+    assert all(steps) and [m[2] for m in steps][-3:] == ["exporting ONNX and .pt2",
+                                                        "checking the ONNX model in onnxruntime", f"writing {tmp_path}"]
+    assert sorted(float(m[1]) for m in steps) == [float(m[1]) for m in steps]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*old, ckpt.name])
     assert all((tmp_path / name).read_bytes() != data for name, data in old.items())
     report = json.loads((tmp_path / f"{STEM}.report.json").read_text())
