@@ -1,4 +1,4 @@
-"""Overhead of the entropy pass over a plain eval forward (DESIGN 2: it must stay small).
+"""Overhead of the entropy pass over a plain eval forward (docs/DESIGN.md 2: it must stay small).
 
 torchvision resnet18 (10 classes, random weights) on 3x32x32, batches of 64. Per repeat, in
 alternating order: a plain ``model(x)`` over the batches, and the entropy pass (the instrumented

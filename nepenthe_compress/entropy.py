@@ -1,4 +1,4 @@
-"""Neuron-state counting and layer entropy (DESIGN 2; the papers' eq. 1-3 and 5).
+"""Neuron-state counting and layer entropy (docs/DESIGN.md 2; the papers' eq. 1-3 and 5).
 
 Counters only: for each site an int64 ``[neurons, states]`` table of how many (sample, position)
 elements each neuron spent in each state. Batches are streamed; memory is O(neurons).

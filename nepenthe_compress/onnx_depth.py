@@ -1,4 +1,4 @@
-"""Depth of an ONNX graph: weighted layers on the longest input-to-output path (DESIGN 4.3).
+"""Depth of an ONNX graph: weighted layers on the longest input-to-output path (docs/DESIGN.md 4.3).
 
 A node is a *weighted layer* when its op is in ``WEIGHT_OPERANDS``, one of the listed operands is a
 constant (an initializer, a Constant node, or anything computed from constants only, e.g. a

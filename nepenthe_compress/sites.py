@@ -22,7 +22,7 @@ THREE_STATES = ("OFF", "LINEAR", "SATURATED")
 
 @dataclass(frozen=True)
 class ActivationKind:
-    """How one rectifier family is measured and linearised (DESIGN 2 and 4.1)."""
+    """How one rectifier family is measured and linearised (docs/DESIGN.md 2 and 4.1)."""
 
     name: str
     states: tuple[str, ...]
@@ -61,7 +61,7 @@ LEAKY = ActivationKind("leaky_relu", TWO_STATES, True, lambda p: (0.0,), _leaky_
 PRELU = ActivationKind("prelu", TWO_STATES, True, lambda p: (0.0,), _prelu_affine)
 CLIP = ActivationKind("hardtanh", THREE_STATES, True, lambda p: (p["min"], p["max"]), _clip_affine)
 RELU6 = ActivationKind("relu6", THREE_STATES, True, lambda p: (p["min"], p["max"]), _clip_affine)
-# Smooth rectifiers: state = sign of z; linearising them is approximate (opt-in, DESIGN 4.4).
+# Smooth rectifiers: state = sign of z; linearising them is approximate (opt-in, docs/DESIGN.md 4.4).
 SMOOTH = {name: ActivationKind(name, TWO_STATES, False, lambda p: (0.0,), _relu_affine)
           for name in ("gelu", "silu", "hardswish", "elu", "mish")}
 ACTIVATIONS: dict[str, ActivationKind] = {

@@ -1,7 +1,7 @@
 """Output equivalence of two models (torch modules or ONNX files in onnxruntime) on given batches.
 
 A *runner* maps an input batch to the model's flat list of output tensors; any two runners can be
-compared. The error measure is DESIGN 4: max|candidate - reference| / max|reference| over all outputs
+compared. The error measure is docs/DESIGN.md 4: max|candidate - reference| / max|reference| over all outputs
 and batches, computed in float64.
 """
 from __future__ import annotations

@@ -30,7 +30,7 @@ from nepenthe_compress.plot import (
 
 # ---- independent reference -------------------------------------------------------------------
 
-# module type -> state thresholds, written here from DESIGN 2 (not taken from the registry)
+# module type -> state thresholds, written here from docs/DESIGN.md 2 (not taken from the registry)
 THRESHOLDS: dict[type, Callable[[nn.Module], tuple[float, ...]]] = {
     nn.ReLU: lambda m: (0.0,), nn.GELU: lambda m: (0.0,), nn.LeakyReLU: lambda m: (0.0,),
     nn.ReLU6: lambda m: (0.0, 6.0), nn.Hardtanh: lambda m: (m.min_val, m.max_val),

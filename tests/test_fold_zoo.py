@@ -42,7 +42,7 @@ from nepenthe_compress.workflow.checks import NOISE_FACTOR
 from nepenthe_compress.verify import (compare_runners, float32_noise, onnx_runner, torch_runner,
                                      verify_equivalence)
 
-EXACT = 1e-5          # float32: max|diff| / max|ref| (DESIGN 4)
+EXACT = 1e-5          # float32: max|diff| / max|ref| (docs/DESIGN.md 4)
 EXACT64 = 1e-10       # float64 fold of float64 models
 
 

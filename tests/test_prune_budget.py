@@ -1,4 +1,4 @@
-"""NEPENTHE/EGP budget (DESIGN 3, eq. 4-8) and IMP counts against hand-computed values."""
+"""NEPENTHE/EGP budget (docs/DESIGN.md 3, eq. 4-8) and IMP counts against hand-computed values."""
 from __future__ import annotations
 
 import math

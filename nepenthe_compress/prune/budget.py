@@ -1,4 +1,4 @@
-"""How many weights each layer loses in one pruning round (DESIGN 3). Pure numpy, no graphs.
+"""How many weights each layer loses in one pruning round (docs/DESIGN.md 3). Pure numpy, no graphs.
 
 NEPENTHE / EGP (eq. 4-8): ``I_l = H_l * mean|theta_l|`` over the non-zero weights of layer l;
 ``R_l = (sum_j I_j) / I_l`` (0 when ``I_l = 0``); ``P_l = P * softmax(R)_l``. A layer asked for more

@@ -1,4 +1,4 @@
-"""Which weighted layers feed which rectifier sites (the "considered layers" of DESIGN 3).
+"""Which weighted layers feed which rectifier sites (the "considered layers" of docs/DESIGN.md 3).
 
 Walk back from each site's pre-activation through BatchNorm, dropout, identity, residual adds and
 scalar affine ops to the Conv / Linear modules that produce it. Also: models with linearised sites.

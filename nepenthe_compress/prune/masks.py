@@ -1,4 +1,4 @@
-"""Explicit weight masks: ``weight * mask``, re-applied after every optimizer step (DESIGN 3).
+"""Explicit weight masks: ``weight * mask``, re-applied after every optimizer step (docs/DESIGN.md 3).
 
 A mask set maps a parameter name (``"layer1.0.conv1.weight"``) to a bool tensor of its shape;
 True keeps the weight. Pruned weights are exactly zero after every step, whatever the optimizer

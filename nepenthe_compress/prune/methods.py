@@ -1,4 +1,4 @@
-"""What each pruning method does in one round (DESIGN 3): a registry of step functions.
+"""What each pruning method does in one round (docs/DESIGN.md 3): a registry of step functions.
 
 A step looks at the model after the previous round (weights, masks, entropy of its live sites) and
 returns a ``Step`` (sites to linearise, weights to remove per layer) or None when nothing is left.

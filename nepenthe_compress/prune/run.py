@@ -1,4 +1,4 @@
-"""The prune loop (DESIGN 3): round 0 trains the dense model, each later round applies one method
+"""The prune loop (docs/DESIGN.md 3): round 0 trains the dense model, each later round applies one method
 step (linearise sites, remove weights), retrains, evaluates and measures entropy. Every round is
 saved as ``DIR/round_XX.pt`` (this tool's checkpoint format) and recorded in the state file, so a
 run resumes after an interruption; the end writes ``DIR/summary.json`` and ``DIR/final.pt`` (the
