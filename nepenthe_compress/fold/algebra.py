@@ -75,11 +75,11 @@ class ConvSpec:
 class ConvTransposeSpec:
     weight: Tensor                      # [Ci, Co/groups, kH, kW]
     bias: Tensor                        # [Co]
+    groups: int = 1
     stride: Pair = (1, 1)
     padding: Pair = (0, 0)
     output_padding: Pair = (0, 0)
     dilation: Pair = (1, 1)
-    groups: int = 1
 
     def forward(self, x: Tensor) -> Tensor:
         """Reference application (F.conv_transpose2d)."""

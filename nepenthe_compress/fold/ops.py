@@ -103,8 +103,8 @@ def linear_module(spec: A.LinearSpec, like: nn.Module) -> nn.Linear:
 
 
 def conv_transpose_spec(m: nn.ConvTranspose2d, dtype: torch.dtype = torch.float64) -> A.ConvTransposeSpec:
-    return A.ConvTransposeSpec(m.weight.detach().to(dtype), _bias(m, m.out_channels, dtype), _pair(m.stride),
-                               _pair(m.padding), _pair(m.output_padding), _pair(m.dilation), m.groups)
+    return A.ConvTransposeSpec(m.weight.detach().to(dtype), _bias(m, m.out_channels, dtype), m.groups,
+                               _pair(m.stride), _pair(m.padding), _pair(m.output_padding), _pair(m.dilation))
 
 
 def conv_transpose_module(spec: A.ConvTransposeSpec, like: nn.ConvTranspose2d) -> nn.ConvTranspose2d:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from kit import (D, assert_exact, called, events, fold, image, max_rel, measure, randomise_bn, set_states,
                  weighted, zero_entropy)
 from nepenthe_compress.fold.rewrites.chains import MERGE_CHAINS
+from test_affine_into_producer import Transposed
 
 
 class Chain(nn.Module):
@@ -136,16 +137,6 @@ def test_only_single_use_edges_chain() -> None:
     m, x = Forked().double(), image()
     f = fold(m, x, rewrites=[MERGE_CHAINS], merge="all")
     assert len(weighted(f)) == 2 and f.events == []
-
-
-class Transposed(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
-        self.bn, self.c = nn.BatchNorm2d(6), nn.Conv2d(6, 3, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.c(F.relu(self.bn(self.up(x))))
 
 
 def test_conv_transpose_next_to_a_conv_is_refused_with_a_reason() -> None:
