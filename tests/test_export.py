@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from nepenthe_compress import checkpoint as checkpoint_lib
 from nepenthe_compress import export as export_mod
 from nepenthe_compress.checkpoint import LoadedCheckpoint
 from nepenthe_compress.commands import export as export_cmd
@@ -240,7 +241,7 @@ def test_export_command_writes_onnx_and_pt2(tmp_path, monkeypatch):
     ckpt.write_bytes(b"stand-in: the loader is replaced below")
     gm = folded_graph_module()
     fake = LoadedCheckpoint(gm, None, {}, {}, {"input_shape": [3, 8, 8]}, ckpt)
-    monkeypatch.setattr(export_cmd, "load_checkpoint", lambda path, **kw: fake)
+    monkeypatch.setattr(checkpoint_lib, "load_checkpoint", lambda path, **kw: fake)
     report = tmp_path / "report.json"
     res = CliRunner().invoke(export_cmd.export, [str(ckpt), "--pt2", "--json", str(report)])
     assert res.exit_code == 0, res.output
@@ -257,7 +258,7 @@ def test_export_command_writes_onnx_and_pt2(tmp_path, monkeypatch):
 def test_export_command_without_input_shape_fails_cleanly(tmp_path, monkeypatch):
     ckpt = tmp_path / "net.pt"
     ckpt.write_bytes(b"x")
-    monkeypatch.setattr(export_cmd, "load_checkpoint",
+    monkeypatch.setattr(checkpoint_lib, "load_checkpoint",
                         lambda path, **kw: LoadedCheckpoint(nn.Linear(2, 2), None, {}, {}, {}, ckpt))
     res = CliRunner().invoke(export_cmd.export, [str(ckpt)])
     assert res.exit_code == 1
@@ -298,7 +299,7 @@ def _fake_loader(monkeypatch, ckpt: Path) -> list[str]:
         calls.append(str(path))
         return fake
 
-    monkeypatch.setattr(export_cmd, "load_checkpoint", load)
+    monkeypatch.setattr(checkpoint_lib, "load_checkpoint", load)
     return calls
 
 
