@@ -165,3 +165,11 @@ def test_import_is_light_and_fold_is_package_and_call() -> None:
     assert out.stdout.splitlines() == [
         "False True", "True True True",
         "['FoldReport', 'FoldResult', 'LoadedCheckpoint', 'fold', 'load_checkpoint', 'measure_entropy']"]
+
+
+def test_every_event_action_the_fold_pass_records_is_typed() -> None:
+    """``Event.of`` turns each fold event into an ``EventAction``: an action recorded anywhere in the
+    fold pass without a member there would fail the report of every fold that records it."""
+    sources = "".join(p.read_text() for p in (ROOT / "nepenthe_compress" / "fold").rglob("*.py"))
+    recorded = set(re.findall(r"\brecord\(\"(\w+)\"", sources))
+    assert {"linearise", "merge", "skip"} <= recorded <= {a.value for a in EventAction}
