@@ -149,7 +149,7 @@ def _parse_names(ctx: click.Context, param: click.Parameter, value: tuple[str, .
 
 
 arch_option = click.option(
-    "--arch", default=None,
+    "--arch", default=None, metavar="NAME",
     help="Architecture: torchvision name (resnet18), built-in (cifar_resnet18) or package.module:callable "
     "(imported from --code-path). Needed for plain state_dicts; a checkpoint file can only name the first two.")
 arch_kwargs_option = click.option(
