@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from nepenthe_compress.entropy import SiteStats
 from nepenthe_compress.fold import cost as C
+from nepenthe_compress.fold import ops
 from nepenthe_compress.fold.ops import Shape, Spec
 from nepenthe_compress.sites import Site
 from nepenthe_compress.trace import propagate_shapes, shape_of
@@ -61,7 +62,7 @@ class GraphRewriter:
     # ---- reading ----
 
     def module(self, node: fx.Node) -> nn.Module | None:
-        return self.gm.get_submodule(node.target) if node.op == "call_module" else None
+        return ops.module(self.gm, node)
 
     def nodes(self) -> Iterator[fx.Node]:
         """The graph's nodes in order, skipping any erased while the caller iterates."""

@@ -67,11 +67,12 @@ BATCHNORM = Rewrite(
 
 @dataclass
 class Replace:
-    """Point ``node`` at ``module``; ``into`` are the consumers' new modules (affine into consumers)."""
+    """New modules: ``module`` for ``node`` and/or ``into`` for its users; ``source`` is the node's
+    input, which takes its place."""
     node: fx.Node
-    source: fx.Node
     module: nn.Module | None = None
     into: list[tuple[fx.Node, nn.Module]] | None = None
+    source: fx.Node | None = None
 
 
 def _into_producer_match(rw: GraphRewriter) -> Iterator[fx.Node]:
@@ -88,7 +89,7 @@ def _into_producer_plan(rw: GraphRewriter, node: fx.Node) -> Replace:
     src = ops.only_input(node)
     kind, m = ops.layer_kind(rw.gm, src), rw.module(src)
     spec = kind.then_affine(kind.spec_of(m), *_scale_shift(rw.module(node)))
-    return Replace(node, src, ops.module_of(spec, m))
+    return Replace(node, ops.module_of(spec, m), source=src)
 
 
 def _into_producer_apply(rw: GraphRewriter, p: Replace) -> None:
@@ -127,7 +128,7 @@ def _into_consumers_plan(rw: GraphRewriter, node: fx.Node) -> Replace:
     for u in node.users:
         kind, m = ops.layer_kind(rw.gm, u), rw.module(u)
         into.append((u, ops.module_of(kind.affine_then(a, c, kind.spec_of(m), rw.shape(node)), m)))
-    return Replace(node, ops.only_input(node), into=into)
+    return Replace(node, into=into, source=ops.only_input(node))
 
 
 def _into_consumers_apply(rw: GraphRewriter, p: Replace) -> None:
@@ -165,7 +166,7 @@ def _layernorm_plan(rw: GraphRewriter, node: fx.Node) -> Replace:
     for u in node.users:
         kind, lin = ops.layer_kind(rw.gm, u), rw.module(u)
         into.append((u, ops.module_of(kind.affine_then(gamma, beta, kind.spec_of(lin), rw.shape(node)), lin)))
-    return Replace(node, node, nn.LayerNorm(m.normalized_shape, m.eps, elementwise_affine=False), into)
+    return Replace(node, nn.LayerNorm(m.normalized_shape, m.eps, elementwise_affine=False), into)
 
 
 def _layernorm_apply(rw: GraphRewriter, p: Replace) -> None:

@@ -88,32 +88,32 @@ def partition(rw: GraphRewriter, chain: list[fx.Node]) -> list[Segment]:
     """The cheapest partition of ``chain`` into merged segments (by dynamic programming)."""
     n = len(chain)
     shapes = [rw.shape(ops.only_input(node)) for node in chain]
-    options: dict[tuple[int, int], tuple[float, Segment | None]] = {}
+    priced: dict[tuple[int, int], tuple[float, Segment | None]] = {}  # (first, last) -> price, merge
     for i in range(n):
-        options[i, i] = (rw.price(ops.spec_of(rw.gm, chain[i]), shapes[i]), None)
+        priced[i, i] = (rw.price(ops.spec_of(rw.gm, chain[i]), shapes[i]), None)
         for j in range(i + 1, n):
             seg = compose(rw, chain[i:j + 1])
             if isinstance(seg, str):
                 if j == i + 1:
                     rw.record("skip", rw.label(chain[j]), f"merge skipped: {seg}")
                 break  # longer segments starting at i contain the same inexact pair
-            options[i, j] = (rw.price(seg.spec, shapes[i]), seg)
+            priced[i, j] = (rw.price(seg.spec, shapes[i]), seg)
     best = [0.0] + [float("inf")] * n
     choice = [0] * (n + 1)
     for j in range(1, n + 1):
         for i in range(j):
-            if (i, j - 1) in options and best[i] + options[i, j - 1][0] < best[j]:
-                best[j], choice[j] = best[i] + options[i, j - 1][0], i
+            if (i, j - 1) in priced and best[i] + priced[i, j - 1][0] < best[j]:
+                best[j], choice[j] = best[i] + priced[i, j - 1][0], i
     segments, j = [], n
     while j > 0:
         segments.append((choice[j], j - 1))
         j = choice[j]
     chosen = {p for a, k in segments for p in range(a, k)}  # i merged with i + 1
     for i in range(n - 1):
-        if (i, i + 1) in options and i not in chosen:
+        if (i, i + 1) in priced and i not in chosen:
             rw.record("skip", rw.label(chain[i + 1]),
                       f"merge with {rw.label(chain[i])} skipped: cost model predicts no gain")
-    return [options[i, k][1] for i, k in reversed(segments) if k > i]
+    return [priced[i, k][1] for i, k in reversed(segments) if k > i]
 
 
 def plan(rw: GraphRewriter, candidate: Refusal | list[fx.Node]) -> list[Segment] | None:
