@@ -1,4 +1,4 @@
-"""Pure weight algebra of the fold pass (DESIGN 4.1-4.2). No graphs here: tensors in, tensors out.
+"""Pure weight algebra of the fold pass (docs/DESIGN.md 4.1-4.2). No graphs here: tensors in, tensors out.
 
 A 2-D convolution with an additive term is described by ``ConvSpec``::
 
