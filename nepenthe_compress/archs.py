@@ -28,7 +28,7 @@ from torchvision.models.mobilenetv2 import MobileNetV2
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.models.vgg import cfgs as VGG_CFGS
 
-from nepenthe_compress.errors import CheckpointError
+from nepenthe_compress.errors import CheckpointError, first_line
 
 Builder = Callable[..., nn.Module]
 
@@ -316,7 +316,7 @@ def build_model(arch: str, *, allow_import: bool = False, code_path: str | os.Pa
         raise
     except (TypeError, ValueError, OverflowError, RuntimeError, MemoryError, ZeroDivisionError) as e:
         shown = {k: (v[:50] if isinstance(v, str) else v) for k, v in kwargs.items()}
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e)[:300]
         raise CheckpointError(f"cannot build '{arch}' with {shown}: {type(e).__name__}: {first}") from None
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"architecture '{arch}' returned a {type(model).__name__}, not a torch.nn.Module")

@@ -27,7 +27,7 @@ from torch.nn.utils import prune
 
 from nepenthe_compress import archs
 from nepenthe_compress.archs import build_model, import_path, infer_arch_kwargs, resolve_arch
-from nepenthe_compress.errors import CheckpointError
+from nepenthe_compress.errors import CheckpointError, first_line
 from nepenthe_compress.io import atomic_path
 from nepenthe_compress.sites import MODULE_RULES, find_sites
 from nepenthe_compress.trace import trace_model
@@ -85,9 +85,6 @@ class _Content:
     meta: dict[str, Any] = field(default_factory=dict)
     stored_hash: Any = ""       # this tool's format: the sha256 it was written with ("": none)
 
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _few(keys: list[str], n: int = 3) -> str:
@@ -153,7 +150,7 @@ def _torch_load(path: Path, weights_only: bool) -> Any:
             raise _Refused(refused.group(1)) from None
         reason = _UNPICKLER_REASON.search(str(e))
         raise CheckpointError(f"checkpoint '{path}' is corrupt or not a PyTorch file: unpickling failed: "
-                              f"{reason.group(1) if reason else _first_line(e)}") from None
+                              f"{reason.group(1) if reason else first_line(e)}") from None
     except ModuleNotFoundError as e:
         raise CheckpointError(
             f"checkpoint '{path}' pickles objects of module '{e.name}', which cannot be imported: pass "
@@ -161,13 +158,13 @@ def _torch_load(path: Path, weights_only: bool) -> Any:
             "(default: the current directory)") from None
     except AttributeError as e:
         raise CheckpointError(f"checkpoint '{path}' pickles an object its module does not define "
-                              f"({_first_line(e)}): is --code-path the code the file was saved with?") from None
+                              f"({first_line(e)}): is --code-path the code the file was saved with?") from None
     except MemoryError:
         raise CheckpointError(f"checkpoint '{path}' does not fit in memory") from None
     except Exception as e:  # torch.load raises RuntimeError, EOFError, ValueError, ... on bad files
         raise CheckpointError(
             f"cannot read checkpoint '{path}' (truncated, corrupt or not a PyTorch file?): "
-            f"{type(e).__name__}: {_first_line(e)}") from None
+            f"{type(e).__name__}: {first_line(e)}") from None
 
 
 def _read(path: Path, trust_pickle: bool, code_path: str | None) -> Any:

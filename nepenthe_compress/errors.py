@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 class UserError(Exception):
     """A problem the user can fix (bad path, corrupt checkpoint, wrong architecture, ...)."""
 

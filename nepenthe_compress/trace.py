@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from nepenthe_compress.errors import TraceError
+from nepenthe_compress.errors import TraceError, first_line
 
 # in-place function -> out-of-place twin
 _INPLACE_FUNCTIONS = {
@@ -49,7 +49,7 @@ def trace_model(model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> fx
     try:
         graph = _Tracer(leaves, names).trace(model)
     except Exception as e:  # fx raises many exception types for untraceable code
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise TraceError(
             f"cannot trace {type(model).__name__} with torch.fx: {type(e).__name__}: {first}"
             f"{_user_frame(e)} (mark the module that contains this construct as a leaf with --leaf NAME)"

@@ -19,7 +19,7 @@ import torch
 from nepenthe_compress.archs import build_model
 from nepenthe_compress.checkpoint import load_checkpoint, save_checkpoint
 from nepenthe_compress.data import load_data, split
-from nepenthe_compress.errors import DataError, UserError
+from nepenthe_compress.errors import DataError, UserError, first_line
 from nepenthe_compress.io import atomic_path, atomic_write_text
 from nepenthe_compress.prune.dist import DistContext, distributed_context
 from nepenthe_compress.prune.layers import considered_layers, materialise
@@ -250,7 +250,7 @@ class _Runner:
             with torch.no_grad():
                 out = gm.eval()(x)
         except RuntimeError as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             raise PruneConfigError(f"'{self.arch}' does not accept inputs of shape {tuple(x.shape[1:])}: "
                                    f"{first} (set --arch-kw in_channels=...)") from None
         if out.ndim != 2 or out.shape[1] <= int(y.max()):
