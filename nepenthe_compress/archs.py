@@ -29,6 +29,7 @@ from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.models.vgg import cfgs as VGG_CFGS
 
 from nepenthe_compress.errors import CheckpointError, first_line
+from nepenthe_compress.limits import env_limit
 
 Builder = Callable[..., nn.Module]
 
@@ -169,15 +170,8 @@ def _torchvision_builder(name: str) -> Builder:
     return build
 
 
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
-MAX_MODEL_BYTES = _env_int("NEPENTHE_MAX_MODEL_BYTES", 8 << 30)   # tensors allocated while building
-MAX_MODULES = _env_int("NEPENTHE_MAX_MODULES", 100_000)            # submodules registered while building
+MAX_MODEL_BYTES = env_limit("NEPENTHE_MAX_MODEL_BYTES", 8 << 30)   # tensors allocated while building
+MAX_MODULES = env_limit("NEPENTHE_MAX_MODULES", 100_000)            # submodules registered while building
 KWARG_SCALARS = (str, int, float, bool, type(None))
 _FACTORIES = ("aten.empty", "aten.zeros", "aten.ones", "aten.full", "aten.rand")
 

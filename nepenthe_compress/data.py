@@ -25,20 +25,13 @@ import torch
 from torch import Tensor
 
 from .errors import DataError, first_line
+from .limits import env_limit
 
 LIMIT_SEED = 0  # the fixed seed of the subset chosen by ``limit=``
 
 
-def _env_bytes(name: str, default: int) -> int:
-    try:
-        value = int(os.environ.get(name, default))
-    except ValueError:
-        return default
-    return value if value > 0 else default
-
-
 # Limits on what a data source (or a checkpoint's metadata) may make this process read or allocate.
-MAX_DATA_BYTES = _env_bytes("NEPENTHE_MAX_DATA_BYTES", 4 << 30)  # one array, as float32 (or its stored dtype)
+MAX_DATA_BYTES = env_limit("NEPENTHE_MAX_DATA_BYTES", 4 << 30)  # one array, as float32 (or its stored dtype)
 MAX_IMAGE_PIXELS = 4096 * 4096      # per image, checked from its header before decoding
 MAX_FOLDER_ENTRIES = 2_000_000      # directory entries an image-folder scan may list (ImageNet train fits)
 MAX_CLASSES = 100_000               # class folders of an image folder

@@ -40,6 +40,7 @@ from nepenthe_compress.data import (
     split,
 )
 from nepenthe_compress.errors import DataError, UserError
+from nepenthe_compress.limits import env_limit
 
 RNG = np.random.default_rng(0)
 
@@ -591,10 +592,10 @@ def test_cli_input_shape_uses_the_same_validation(arg: str, exit_code: int, need
 
 def test_env_budget_override(monkeypatch) -> None:
     monkeypatch.setenv("NEPENTHE_TEST_BYTES", "12345")
-    assert data_module._env_bytes("NEPENTHE_TEST_BYTES", 7) == 12345
+    assert env_limit("NEPENTHE_TEST_BYTES", 7) == 12345
     for bad in ("lots", "-5", "0"):
         monkeypatch.setenv("NEPENTHE_TEST_BYTES", bad)
-        assert data_module._env_bytes("NEPENTHE_TEST_BYTES", 7) == 7
+        assert env_limit("NEPENTHE_TEST_BYTES", 7) == 7
     assert data_module.MAX_DATA_BYTES == int(os.environ.get("NEPENTHE_MAX_DATA_BYTES", 4 << 30))
 
 
