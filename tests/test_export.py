@@ -482,3 +482,52 @@ def test_depth_of_unreadable_file_is_a_user_error(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"\x00garbage")
     with pytest.raises(UserError, match="bad.onnx"):
         onnx_depth(tmp_path / "bad.onnx")
+
+
+# ---------------------------------------------------------------------------------------- exporter choice
+
+def _traced_resnet18() -> fx.GraphModule:
+    from nepenthe_compress.trace import trace_model
+
+    torch.manual_seed(0)
+    return trace_model(torchvision.models.resnet18(weights=None, num_classes=10).eval())
+
+
+def test_torchscript_is_safe_only_for_traced_graphs_of_known_modules():
+    from nepenthe_compress.fold.modules import ChannelAffine
+
+    traced = _traced_resnet18()
+    assert export_mod.torchscript_safe(traced)
+    assert not export_mod.torchscript_safe(torchvision.models.resnet18(weights=None))   # not traced
+    assert not export_mod.torchscript_safe(folded_graph_module())    # user leaf modules (Affine) stay opaque
+    class FoldTracer(fx.Tracer):   # the fold inserts its modules as call_module nodes
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return isinstance(m, ChannelAffine) or super().is_leaf_module(m, qualname)
+
+    root = nn.Sequential(ChannelAffine(torch.ones(3), torch.zeros(3), 1), nn.ReLU())
+    assert export_mod.torchscript_safe(fx.GraphModule(root, FoldTracer().trace(root)))
+
+
+def test_auto_exports_traced_graphs_with_torchscript(tmp_path, monkeypatch):
+    def no_dynamo(*args, **kwargs):
+        raise AssertionError("dynamo was used")
+    monkeypatch.setattr(export_mod, "_dynamo_onnx", no_dynamo)
+    gm = _traced_resnet18()
+    path = export_onnx(gm, torch.randn(2, 3, 32, 32), tmp_path / "ts.onnx")
+    assert batch_dim(path).dim_param == "batch"
+    for n in (1, 3):
+        assert rel_err_vs_float64(gm, path, torch.randn(n, 3, 32, 32)) < 1e-5
+
+
+def test_torchscript_output_that_differs_falls_back_to_dynamo(tmp_path, monkeypatch):
+    gm = _traced_resnet18()
+    wrong = copy.deepcopy(gm)
+    with torch.no_grad():
+        wrong.fc.bias.add_(1.0)
+    real = export_mod._torchscript_onnx
+    monkeypatch.setattr(export_mod, "_torchscript_onnx", lambda m, *a: real(wrong, *a))
+    path = export_onnx(gm, torch.randn(2, 3, 32, 32), tmp_path / "fb.onnx")
+    assert rel_err_vs_float64(gm, path, torch.randn(3, 3, 32, 32)) < 1e-5
+    with pytest.raises(ExportError, match="differs from torch"):
+        export_onnx(gm, torch.randn(2, 3, 32, 32), tmp_path / "ts.onnx", exporter="torchscript")
+    assert not (tmp_path / "ts.onnx").exists()

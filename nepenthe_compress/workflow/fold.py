@@ -24,6 +24,7 @@ from nepenthe_compress.fold.core import fold_graph
 from nepenthe_compress.fold.graph import FoldOptions
 from nepenthe_compress.fold.metrics import count_macs
 from nepenthe_compress.io import OutputSet, check_writable, json_default
+from nepenthe_compress.trace import trace_model
 from nepenthe_compress.onnx_depth import onnx_depth, onnx_param_count
 from nepenthe_compress.workflow.checks import CHECKS, Check, CheckContext, Stage, run_checks, tolerance
 from nepenthe_compress.workflow.outputs import output_paths, stem_of
@@ -136,7 +137,7 @@ def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSet
     workdir = tempfile.TemporaryDirectory(prefix="nepenthe-fold-")
     try:
         progress("exporting ONNX" + (" and .pt2" if settings.pt2 else ""))
-        files = _export(model, folded.model, example, Path(workdir.name), settings.pt2)
+        files = _export(model, folded.model, example, Path(workdir.name), settings.pt2, settings.leaf_modules)
         ctx.onnx_path = files["onnx"]
         progress("checking the ONNX model in onnxruntime")
         outcomes += run_checks(settings.checks, ctx, Stage.EXPORTED)
@@ -165,11 +166,14 @@ def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSet
     return FoldResult(folded.model, report, stem, files, workdir)
 
 
-def _export(original: nn.Module, folded: nn.Module, example, folder: Path, pt2: bool) -> dict[str, Path]:
+def _export(original: nn.Module, folded: nn.Module, example, folder: Path, pt2: bool,
+            leaf_modules: tuple[str, ...]) -> dict[str, Path]:
+    """The folded model and the original (as its fx trace, which the fast TorchScript exporter may
+    take: see ``export``) to ONNX, and the folded model to .pt2."""
     names = output_paths(folder, "model", pt2)
     del names["report"]
     export_onnx(folded, example, names["onnx"])
-    export_onnx(original, example, names["original_onnx"])
+    export_onnx(trace_model(original, leaf_modules), example, names["original_onnx"])
     if pt2:
         export_pt2(folded, example, names["pt2"])
     return names
