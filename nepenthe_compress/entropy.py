@@ -1,13 +1,15 @@
 """Neuron-state counting and layer entropy (docs/DESIGN.md 2; the papers' eq. 1-3 and 5).
 
 Counters only: for each site an int64 ``[neurons, states]`` table of how many (sample, position)
-elements each neuron spent in each state. Batches are streamed; memory is O(neurons).
+elements each neuron spent in each state and, per neuron, the min, max, mean and std of its
+pre-activation (float64 accumulators: how far each neuron stayed from its state boundaries, see
+``certify``). Batches are streamed; memory is O(neurons).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -16,6 +18,20 @@ from torch import Tensor, fx, nn
 from nepenthe_compress.errors import DataError
 from nepenthe_compress.sites import Site, find_sites
 from nepenthe_compress.trace import trace_model
+
+
+@dataclass(frozen=True)
+class NeuronMoments:
+    """Per neuron, over every element seen: min, max, mean and std (population) of the
+    pre-activation, float64 ``[neurons]`` each."""
+
+    low: np.ndarray
+    high: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+
+    def select(self, keep: np.ndarray) -> NeuronMoments:
+        return NeuronMoments(self.low[keep], self.high[keep], self.mean[keep], self.std[keep])
 
 
 @dataclass
@@ -29,6 +45,11 @@ class SiteStats:
     states: tuple[str, ...]
     counts: np.ndarray  # int64 [neurons, len(states)]
     exact: bool = True  # False for smooth rectifiers (linearisation approximate)
+    thresholds: tuple[float, ...] = ()       # state boundaries in z: (t,) or (lo, hi)
+    moments: NeuronMoments | None = None     # None when not measured (e.g. a distributed reduce)
+    # bool [neurons]: neurons with one recorded state the fold must not rely on (inside the margin,
+    # or flipped on held-out data); they count as mixed. None: every one-state neuron is relied on.
+    uncertain: np.ndarray | None = None
 
     @property
     def neurons(self) -> int:
@@ -61,9 +82,14 @@ class SiteStats:
         return float(h.mean()) if h.size else 0.0
 
     @property
-    def constant_neurons(self) -> np.ndarray:
+    def one_state(self) -> np.ndarray:
         """True for neurons that stayed in one state on every element seen."""
         return (self.counts > 0).sum(axis=1) == 1
+
+    @property
+    def constant_neurons(self) -> np.ndarray:
+        """Neurons in one state on every element seen and not marked ``uncertain``."""
+        return self.one_state if self.uncertain is None else self.one_state & ~self.uncertain
 
     @property
     def zero_entropy(self) -> bool:
@@ -83,11 +109,18 @@ class SiteStats:
     def mixed(self) -> int:
         return int((self.neuron_state == -1).sum())
 
+    def select(self, keep: np.ndarray) -> SiteStats:
+        """The stats of the neurons where ``keep`` (bool or indices) holds."""
+        return replace(self, counts=self.counts[keep],
+                       moments=None if self.moments is None else self.moments.select(keep),
+                       uncertain=None if self.uncertain is None else self.uncertain[keep])
+
     def to_dict(self, with_counts: bool = False) -> dict:
         d = {"name": self.name, "target": self.target, "kind": self.kind,
              "neuron_axis": self.neuron_axis, "neurons": self.neurons, "states": list(self.states),
              "always": self.always(), "mixed": self.mixed, "entropy": self.entropy,
-             "entropy_mixed_mean": self.entropy_mixed, "zero_entropy": self.zero_entropy, "exact": self.exact}
+             "entropy_mixed_mean": self.entropy_mixed, "zero_entropy": self.zero_entropy, "exact": self.exact,
+             "observations": self.elements}
         if with_counts:
             d["counts"] = self.counts.tolist()
         return d
@@ -116,15 +149,17 @@ class StateCounter(nn.Module):
     """Probe inserted before a site: counts, per neuron, the elements of z in each state.
 
     Per batch it keeps one int64 vector per threshold (elements beyond it) and the number of
-    elements seen per neuron; the ``[neurons, states]`` table is only built when read.
+    elements seen per neuron; the ``[neurons, states]`` table is only built when read. With
+    ``moments`` it also keeps per neuron the min, max, sum and sum of squares of z (float64).
     """
 
-    def __init__(self, thresholds: tuple[float, ...], axis: int) -> None:
+    def __init__(self, thresholds: tuple[float, ...], axis: int, moments: bool = True) -> None:
         super().__init__()
         self.thresholds = thresholds
         self.axis = axis
         self.hits: list[Tensor] | None = None  # per threshold: int64 [neurons]
         self.seen = 0                          # elements per neuron
+        self.sums: MomentSums | None = MomentSums() if moments else None
 
     def forward(self, z: Tensor) -> None:
         axis = self.axis % z.dim()
@@ -140,6 +175,8 @@ class StateCounter(nn.Module):
             for acc, h in zip(self.hits, hits):
                 acc += h
         self.seen += shape[0] * shape[2]
+        if self.sums is not None:
+            self.sums.add(z.reshape(shape))
 
     @property
     def counts(self) -> Tensor | None:
@@ -150,6 +187,44 @@ class StateCounter(nn.Module):
             return torch.stack([self.seen - self.hits[0], self.hits[0]], dim=1)
         low, high = self.hits
         return torch.stack([low, self.seen - low - high, high], dim=1)
+
+
+class MomentSums:
+    """Running per-neuron min, max, sum and sum of squares of ``[outer, neurons, inner]`` batches.
+
+    Min and max are exact; sums are taken per batch in the data's precision and accumulated in
+    float64, so the std is accurate where it matters (a neuron near a boundary has |mean| of the
+    order of its std; for |mean| >> std the std may be overestimated, which only makes a margin
+    look smaller, never larger, than it is).
+    """
+
+    def __init__(self) -> None:
+        self.low: Tensor | None = None
+        self.high: Tensor | None = None
+        self.total: Tensor | None = None
+        self.squares: Tensor | None = None
+        self.n = 0
+
+    def add(self, z: Tensor) -> None:
+        low, high = z.amin(2).amin(0).double(), z.amax(2).amax(0).double()
+        total = z.sum(2).sum(0).double()
+        squares = torch.linalg.vector_norm(z, dim=(0, 2)).double() ** 2
+        if self.low is None:
+            self.low, self.high, self.total, self.squares = low, high, total, squares
+        else:
+            torch.minimum(self.low, low, out=self.low)
+            torch.maximum(self.high, high, out=self.high)
+            self.total += total
+            self.squares += squares
+        self.n += z.shape[0] * z.shape[2]
+
+    def moments(self) -> NeuronMoments | None:
+        if self.low is None or self.n == 0:
+            return None
+        mean = self.total / self.n
+        var = (self.squares / self.n - mean * mean).clamp_min(0.0)
+        arrays = (t.cpu().numpy().astype(np.float64) for t in (self.low, self.high, mean, var.sqrt()))
+        return NeuronMoments(*arrays)
 
 
 def _per_neuron(mask: Tensor) -> Tensor:
@@ -164,11 +239,11 @@ def _per_neuron(mask: Tensor) -> Tensor:
     return mask.sum(2, dtype=acc).sum(0, dtype=acc)
 
 
-def instrument(gm: fx.GraphModule, sites: list[Site]) -> dict[str, StateCounter]:
+def instrument(gm: fx.GraphModule, sites: list[Site], moments: bool = True) -> dict[str, StateCounter]:
     """Insert a ``StateCounter`` before every site (in place); returns them by site name."""
     probes: dict[str, StateCounter] = {}
     for i, site in enumerate(sites):
-        probe = StateCounter(site.kind.thresholds(site.params), site.neuron_axis)
+        probe = StateCounter(site.kind.thresholds(site.params), site.neuron_axis, moments)
         attr = f"_nc_probe_{i}"
         gm.add_submodule(attr, probe)
         with gm.graph.inserting_before(site.node):
@@ -182,12 +257,13 @@ class EntropyMeter:
     """A traced, instrumented copy of a model: feed it batches, then read the report.
 
     Building it (tracing) and streaming batches are separate so their costs can be told apart.
+    ``moments``: also record each neuron's min / max / mean / std (margins, see ``certify``).
     """
 
-    def __init__(self, model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> None:
+    def __init__(self, model: nn.Module, leaf_modules: Iterable[type | str] = (), moments: bool = True) -> None:
         self.gm = trace_model(model, leaf_modules)
         self.sites = find_sites(self.gm)
-        self.probes = instrument(self.gm, self.sites)
+        self.probes = instrument(self.gm, self.sites, moments)
         self.device = next((p.device for p in self.gm.parameters()), torch.device("cpu"))
         self.samples = 0
 
@@ -198,31 +274,36 @@ class EntropyMeter:
         self.samples += x.shape[0]
 
     def report(self, reduce: Callable[[Tensor], Tensor] | None = None) -> EntropyReport:
-        """The counts so far; ``reduce`` maps each int64 table and the sample count (e.g. all-reduce)."""
+        """The counts so far; ``reduce`` maps each int64 table and the sample count (e.g. all-reduce
+        SUM); the moments are local, so a reduced report has none."""
         if self.samples == 0:
             raise DataError("no calibration samples: the data source is empty")
+        reduced = reduce is not None
         reduce = reduce or (lambda t: t)
         samples = int(reduce(torch.tensor(self.samples, dtype=torch.int64, device=self.device)).item())
         stats = []
         for site in self.sites:
-            counts = self.probes[site.name].counts
+            probe = self.probes[site.name]
+            counts = probe.counts
             if counts is None:  # the site never ran (e.g. a branch not taken)
                 counts = torch.zeros(0, len(site.kind.states), dtype=torch.int64, device=self.device)
+            moments = None if probe.sums is None or reduced else probe.sums.moments()
             stats.append(SiteStats(site.name, site.target, site.kind.name, site.neuron_axis,
                                    site.kind.states, reduce(counts).cpu().numpy().astype(np.int64),
-                                   site.kind.exact))
+                                   site.kind.exact, tuple(float(t) for t in probe.thresholds), moments))
         return EntropyReport(stats, samples)
 
 
 def measure_entropy(model: nn.Module, batches: Iterable[Tensor], *, progress: bool = False,
                     reduce: Callable[[Tensor], Tensor] | None = None,
-                    leaf_modules: Iterable[type | str] = ()) -> EntropyReport:
+                    leaf_modules: Iterable[type | str] = (), moments: bool | None = None) -> EntropyReport:
     """Count neuron states of every rectifier site of ``model`` over ``batches`` (eval mode).
 
     ``reduce`` is applied to each int64 count table before the report is built (e.g. a
-    distributed all-reduce SUM), and to the sample count.
+    distributed all-reduce SUM), and to the sample count. ``moments`` (default: when there is no
+    ``reduce``) also records each neuron's min / max / mean / std of the pre-activation.
     """
-    meter = EntropyMeter(model, leaf_modules)
+    meter = EntropyMeter(model, leaf_modules, reduce is None if moments is None else moments)
     for x in _progress(batches, progress):
         meter.update(x)
     return meter.report(reduce)

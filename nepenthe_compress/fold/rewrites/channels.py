@@ -7,7 +7,6 @@ add, are kept and the skip is reported. Some droppable channels are kept back so
 stays aligned for the runtime's blocked kernels (``FoldOptions.channel_align``, see ``aligned_count``)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -205,7 +204,7 @@ def apply(rw: GraphRewriter, d: Drop) -> None:
     for op in d.chain:
         st = rw.stats.get(op.name)
         if st is not None and st.neurons == len(keep):
-            rw.stats[op.name] = dataclasses.replace(st, counts=st.counts[keep.numpy()])
+            rw.stats[op.name] = st.select(keep.numpy())
         if ops.is_affine(rw.gm, op):
             aff = rw.module(op)
             rw.set_module(op, ChannelAffine(aff.scale[keep], aff.shift[keep], aff.axis))
