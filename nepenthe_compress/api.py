@@ -21,6 +21,7 @@ from nepenthe_compress.data import Samples, iter_batches, resolve_inputs
 from nepenthe_compress.entropy import EntropyReport
 from nepenthe_compress.entropy import measure_entropy as _measure
 from nepenthe_compress.fold.graph import FoldOptions
+from nepenthe_compress.runtime import Runtime
 from nepenthe_compress.workflow import fold as workflow
 from nepenthe_compress.workflow.fold import FoldResult, FoldSettings
 from nepenthe_compress.workflow.report import FoldReport
@@ -72,7 +73,8 @@ def fold(model: Model, calib: Samples | None = None, merge: str = "auto", *, all
          approximate: bool = False, drop_channels: bool = True, channel_align: int = 8, holdout: float = 0.2,
          limit: int | None = None, batch_size: int = 64, bench: bool = False, bench_repeats: int = 20,
          pt2: bool = True, leaf_modules: tuple[str, ...] = (), input_shape: tuple[int, ...] | None = None,
-         normalize: dict | None = None, channels: int | None = None,
+         normalize: dict | None = None, channels: int | None = None, bench_batches: tuple[int, ...] = (1, 32),
+         provider: str = "cpu", threads: int = 2, require_speedup: float | None = None,
          progress: Callable[[str], None] | None = None) -> FoldResult:
     """Fold ``model`` on ``calib`` as ``nepenthe-compress fold`` does, without writing anything.
 
@@ -80,12 +82,16 @@ def fold(model: Model, calib: Samples | None = None, merge: str = "auto", *, all
     ``none``. The result holds ``.model`` (the folded ``nn.Module``), ``.report`` (a ``FoldReport``;
     ``.to_dict()`` is the CLI's report.json) and ``.save(outdir, force=False)``, which writes the
     CLI's files, all or nothing. Raises ``FoldError`` when the folded model differs from the original
-    where the recorded states hold (or onnxruntime differs from torch); ``bench=True`` also times
-    both models in onnxruntime. ``progress`` is called with each step's name as it starts.
+    where the recorded states hold (or onnxruntime differs from torch). ``bench=True`` runs the speed
+    guard: the fold and its simpler exact variants are timed against the original in onnxruntime
+    (``provider``, ``threads``, at ``bench_batches``) and the fastest one not slower is kept
+    (``.report.guard``); ``FoldError`` when none is, or none is ``require_speedup`` times faster.
+    ``progress`` is called with each step's name as it starts.
     """
     if merge not in MERGE_MODES:
         raise ValueError(f"merge must be one of {', '.join(MERGE_MODES)}, not {merge!r}")
     settings = FoldSettings(FoldOptions(merge, allow_inexact, approximate, drop_channels, channel_align), holdout,
-                            batch_size, bench, bench_repeats, pt2, tuple(leaf_modules))
+                            batch_size, bench, bench_repeats, pt2, tuple(leaf_modules), bench_batches=tuple(bench_batches),
+                            runtime=Runtime(provider, threads), require_speedup=require_speedup)
     return workflow.fold(_loaded(model), calib, settings, data_overrides=_overrides(input_shape, normalize, channels),
                          limit=limit, progress=progress or (lambda step: None))

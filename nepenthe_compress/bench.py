@@ -94,9 +94,9 @@ def _onnx_run(session: ort.InferenceSession, feed: dict[str, np.ndarray], path: 
 
 
 def bench_onnx(path: str | os.PathLike, input_shape: Sequence[int] | None, batch: int, threads: int = 2,
-               warmup: int = 3, repeats: int = 20, seed: int = 0) -> list[float]:
+               warmup: int = 3, repeats: int = 20, seed: int = 0, provider: str = "cpu") -> list[float]:
     """Latencies (s) of ``repeats`` runs of the ONNX model on one seeded (batch, *input_shape) input."""
-    session = ort_session(path, threads)
+    session = ort_session(path, threads, provider)
     shape = _checked_shape({"model": onnx_signature(session, str(path))}, "model", input_shape, [batch])
     run = _onnx_run(session, _input(session, (batch, *shape), seed), path)
     return _interleaved({"model": run}, warmup, repeats)["model"]
@@ -136,6 +136,7 @@ class LatencyTable:
     threads: int
     repeats: int
     rows: list[LatencyRow]
+    provider: str = "cpu"
 
     def median(self, model: str, batch: int) -> float:
         return next(r.median_s for r in self.rows if r.model == model and r.batch == batch)
@@ -152,18 +153,19 @@ def _row(name: str, batch: int, times: list[float], base: float) -> LatencyRow:
 
 def compare_latency(paths: Mapping[str, str | os.PathLike], input_shape: Sequence[int] | None = None,
                     batches: Sequence[int] = (1, 32), threads: int = 2, warmup: int = 3, repeats: int = 20,
-                    seed: int = 0, baseline: str | None = None) -> LatencyTable:
+                    seed: int = 0, baseline: str | None = None, provider: str = "cpu") -> LatencyTable:
     """Median latency of every ONNX model at every batch size, measured side by side (interleaved).
 
     All models get the same seeded input per batch size; ``baseline`` (default: the first model)
     is the reference of the speedups. ``input_shape`` defaults to the baseline model's input dims.
+    ``provider``: the onnxruntime execution provider timed (``runtime.PROVIDERS``).
     """
     if not paths:
         raise UserError("no models to benchmark")
     baseline = baseline or next(iter(paths))
     if baseline not in paths:
         raise UserError(f"baseline {baseline!r} is not one of the models ({', '.join(paths)})")
-    sessions = {name: ort_session(p, threads) for name, p in paths.items()}
+    sessions = {name: ort_session(p, threads, provider) for name, p in paths.items()}
     sigs = {name: onnx_signature(s, str(paths[name])) for name, s in sessions.items()}
     shape = _checked_shape(sigs, baseline, input_shape, batches)
     for batch in batches:
@@ -174,4 +176,4 @@ def compare_latency(paths: Mapping[str, str | os.PathLike], input_shape: Sequenc
         times = _interleaved(runs, warmup, repeats)
         base = statistics.median(times[baseline])
         rows += [_row(name, batch, t, base) for name, t in times.items()]
-    return LatencyTable(baseline, shape, threads, repeats, rows)
+    return LatencyTable(baseline, shape, threads, repeats, rows, provider)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from nepenthe_compress.errors import UserError
+from nepenthe_compress.runtime import provider_chain
 from nepenthe_compress.signature import MAX_THREADS, onnx_signature
 
 Runner = Callable[[Tensor], list[Tensor]]
@@ -74,11 +75,12 @@ def error_line(e: BaseException) -> str:
     return f"{head} ... {tail}"
 
 
-def ort_session(path: str | os.PathLike, threads: int = 2) -> ort.InferenceSession:
-    """CPU session: ``threads`` intra-op threads (no spin-waiting), 1 inter-op thread, all graph
-    optimisations."""
+def ort_session(path: str | os.PathLike, threads: int = 2, provider: str = "cpu") -> ort.InferenceSession:
+    """Session on ``provider`` (see ``runtime.PROVIDERS``; default CPU): ``threads`` intra-op threads (no
+    spin-waiting), 1 inter-op thread, all graph optimisations."""
     if not 1 <= threads <= MAX_THREADS:
         raise UserError(f"threads must be between 1 and {MAX_THREADS}, got {threads}")
+    providers = provider_chain(provider)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -89,7 +91,7 @@ def ort_session(path: str | os.PathLike, threads: int = 2) -> ort.InferenceSessi
     # on the same cores, and a spinning neighbour would be timed as part of the next model.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:  # onnxruntime raises its own pybind types (NoSuchFile, InvalidProtobuf, Fail, ...)
         raise UserError(f"onnxruntime cannot load '{path}': {error_line(e)}") from e
 

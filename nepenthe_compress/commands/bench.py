@@ -14,6 +14,7 @@ from nepenthe_compress.commands.common import (
     emit_json,
     force_option,
     input_shape_option,
+    provider_option,
     json_option,
     ui_options,
     user_errors,
@@ -52,17 +53,19 @@ def render_latency(table: LatencyTable) -> Table:
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
               help="Timed runs per model and batch.")
 @click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed runs first.")
+@provider_option
 @input_shape_option
 @json_option
 @force_option
 @ui_options
 @user_errors
-def bench(models: tuple[str, ...], batches: tuple[int, ...], threads: int, repeats: int, warmup: int,
+def bench(models: tuple[str, ...], batches: tuple[int, ...], threads: int, repeats: int, warmup: int, provider: str,
           input_shape: tuple[int, ...] | None, json_path: str | None, force: bool, ui: Ui) -> None:
     """Median latency of MODEL.onnx files measured side by side (interleaved), with speedups vs the first."""
     check_writable([json_path], force, inputs=models)
     from nepenthe_compress.bench import compare_latency
 
-    table = compare_latency(display_names(models), input_shape, batches, threads, warmup, repeats)
+    table = compare_latency(display_names(models), input_shape, batches, threads, warmup, repeats,
+                            provider=provider)
     ui.show(render_latency(table), json_path)
     emit_json(table.to_dict(), json_path)

@@ -248,6 +248,10 @@ def data_overrides(input_shape: tuple[int, ...] | None, normalize: dict | None,
 
 
 limit_option = click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most this many samples.")
+provider_option = click.option(
+    "--provider", default="cpu", show_default=True, metavar="NAME",
+    help="onnxruntime execution provider to time on: cpu, cuda, tensorrt, openvino, rocm, dml, coreml "
+         "(must be installed; equivalence is always checked on the CPU).")
 batch_option = click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 leaf_option = click.option(
     "--leaf", "leaf", multiple=True, metavar="NAME",

@@ -22,10 +22,12 @@ from nepenthe_compress.commands.common import (
     leaf_option,
     limit_option,
     output_option,
+    provider_option,
     ui_options,
     user_errors,
 )
 from nepenthe_compress.io import check_writable
+from nepenthe_compress.signature import MAX_THREADS
 
 if TYPE_CHECKING:
     from nepenthe_compress.workflow.report import FoldReport
@@ -44,9 +46,11 @@ def calib_need(argument: str) -> Need:
 @output_option("Output folder [default: the checkpoint's folder].", "--outdir", metavar="DIR")
 @click.option("--merge", type=click.Choice(["auto", "all", "none"]), default="auto", show_default=True,
               help="auto: merge where the cost model predicts a speed-up; all: every exact merge "
-                   "(maximum depth reduction); none: linearise, fold BN, drop dead channels only.")
+                   "(maximum depth reduction; a padded KxK -> padded KxK pair merges exactly with a border "
+                   "correction); none: linearise, fold BN, drop dead channels only.")
 @click.option("--allow-inexact", is_flag=True,
-              help="Also merge padded KxK -> padded KxK convs (border-inexact; the error is measured and reported).")
+              help="Also merge runs of three or more padded KxK convs without border correction "
+                   "(border-inexact; the error is measured and reported).")
 @click.option("--approximate", is_flag=True,
               help="Also linearise zero-entropy GELU/SiLU/Hardswish/ELU sites (approximate; error reported).")
 @click.option("--keep-channels", is_flag=True, help="Do not drop dead / constant channels.")
@@ -57,7 +61,17 @@ def calib_need(argument: str) -> Need:
               help="Fraction of the data held out to check that the recorded states generalise.")
 @limit_option
 @batch_option
-@click.option("--bench/--no-bench", default=True, show_default=True, help="Measure onnxruntime latency before/after.")
+@click.option("--bench/--no-bench", default=True, show_default=True,
+              help="The speed guard: time the fold and its simpler variants against the original in onnxruntime "
+                   "and write the fastest that is not slower (--no-bench skips it).")
+@click.option("--batch", "batches", type=click.IntRange(min=1), multiple=True, default=(1, 32), show_default=True,
+              help="Batch size the guard times (repeatable).")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=2, show_default=True,
+              help="onnxruntime intra-op threads the guard times with.")
+@provider_option
+@click.option("--require-speedup", type=click.FloatRange(min=0, min_open=True), default=None, metavar="X",
+              help="Fail (non-zero exit, nothing written) unless the written model is at least X times faster "
+                   "than the original at every --batch.")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="Latency repeats (median).")
 @click.option("--pt2/--no-pt2", default=True, show_default=True, help="Also save the folded torch.export program.")
 @leaf_option
@@ -67,8 +81,9 @@ def calib_need(argument: str) -> Need:
 @user_errors
 def fold(checkpoint: str, load, calib: str | None, input_shape, normalize, channels, output: str | None, merge: str,
          allow_inexact: bool, approximate: bool, keep_channels: bool, channel_align: int, holdout: float,
-         limit: int | None, batch_size: int, bench: bool, repeats: int, pt2: bool, leaf: tuple[str, ...],
-         json_path: str | None, force: bool, ui: Ui) -> None:
+         limit: int | None, batch_size: int, bench: bool, batches: tuple[int, ...], threads: int, provider: str,
+         require_speedup: float | None, repeats: int, pt2: bool, leaf: tuple[str, ...], json_path: str | None,
+         force: bool, ui: Ui) -> None:
     """Fold a pruned CHECKPOINT into a shallower ONNX model and prove it equivalent.
 
     Writes DIR/<stem>.folded.onnx, <stem>.onnx, <stem>.report.json and <stem>.folded.pt2 (DIR: -o,
@@ -77,18 +92,24 @@ def fold(checkpoint: str, load, calib: str | None, input_shape, normalize, chann
     """
     from nepenthe_compress.workflow.outputs import output_paths, stem_of
 
+    if require_speedup is not None and not bench:
+        raise click.UsageError("--require-speedup needs the speed guard: drop --no-bench")
     outdir = Path(output) if output else Path(checkpoint).parent
     check_writable([*output_paths(outdir, stem_of(checkpoint), pt2).values(), json_path], force,
                    inputs=[checkpoint])  # before any work
     with ui.working("loading the checkpoint"):
         from nepenthe_compress.checkpoint import load_checkpoint
         from nepenthe_compress.fold.graph import FoldOptions
+        from nepenthe_compress.runtime import Runtime, provider_chain
         from nepenthe_compress.workflow.fold import FoldSettings
         from nepenthe_compress.workflow.fold import fold as fold_loaded
 
+        if bench:
+            provider_chain(provider)   # before any work
         ck = load_checkpoint(checkpoint, **load.as_kwargs())
         settings = FoldSettings(FoldOptions(merge, allow_inexact, approximate, not keep_channels, channel_align),
-                                holdout, batch_size, bench, repeats, pt2, leaf)
+                                holdout, batch_size, bench, repeats, pt2, leaf, bench_batches=tuple(sorted(set(batches))),
+                                runtime=Runtime(provider, threads), require_speedup=require_speedup)
         result = fold_loaded(ck, calib, settings, data_overrides=data_overrides(input_shape, normalize, channels),
                              limit=limit, progress=ui.step)
         ui.step(f"writing {outdir}")
@@ -114,6 +135,9 @@ def render(r: FoldReport) -> list[Table | Text]:
     kept, align = r.channels_kept_for_alignment, r.options.channel_align
     t.add_row("channels dropped", f"{r.channels_dropped}" + (f" (+{kept} kept for alignment to {align})" if kept else ""))
     t.add_row("depth (weighted layers)", f"{r.depth.before} -> {r.depth.after}")
+    removed = r.layers_removed
+    t.add_row("layers removed", f"{removed.removed}/{removed.of} (linear sites, as the papers count); "
+              f"ONNX depth -{removed.depth}")
     t.add_row("parameters", f"{r.params.before:,} -> {r.params.after:,}")
     t.add_row("MACs / sample", f"{r.macs.before:,} -> {r.macs.after:,}")
     c, h = eq.calibration, eq.heldout
@@ -126,6 +150,8 @@ def render(r: FoldReport) -> list[Table | Text]:
     for row in r.latency.rows if r.latency else ():
         if row.model == "folded":
             t.add_row(f"latency batch {row.batch}", f"{row.median_s * 1e3:.3f} ms ({row.speedup:.2f}x vs original)")
+    if r.guard:
+        t.add_row("speed guard", escape(f"wrote {r.guard.chosen}: {r.guard.reason}"))
     for kind, path in r.outputs.items():
         t.add_row(kind, escape(path))
     shown = (EventAction.LINEARISE, EventAction.CONSTANT, EventAction.MERGE, EventAction.DROP)
@@ -133,7 +159,23 @@ def render(r: FoldReport) -> list[Table | Text]:
              for e in r.events if e.action in shown]
     lines += [Text.from_markup(f"  [yellow]skip     [/] {escape(e.where)}: {escape(e.detail)}")
               for e in r.events if e.action is EventAction.SKIP]
-    return [t, *lines]
+    return [t, *([guard_table(r)] if r.guard else []), *lines]
+
+
+def guard_table(r: FoldReport) -> Table:
+    """Every timed variant: original / variant latency per batch size beside the MAC ratio (the limit)."""
+    g = r.guard
+    assert g is not None
+    batches = sorted({b for v in g.variants for b in v.speedups})
+    t = Table(title=f"speed guard ({g.provider}, {g.threads} threads; ratio = original / variant, "
+                    "> 1 is faster)", title_justify="left")
+    for col in ("variant", *(f"batch {b}" for b in batches), "MAC ratio", "depth"):
+        t.add_column(col, justify="left" if col == "variant" else "right")
+    for v in g.variants:
+        mark = " (written)" if v.name == g.chosen else f" (= {v.same_as})" if v.same_as else ""
+        t.add_row(escape(v.name + mark), *(f"{v.speedups[b]:.2f}x" + (" slower" if b in v.slower_at else "")
+                                            for b in batches), f"{v.mac_ratio:.2f}x", str(v.depth))
+    return t
 
 
 def _held_to(tolerance: float | None) -> str:

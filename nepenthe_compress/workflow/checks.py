@@ -6,7 +6,7 @@ one-line error a failed verdict stops the fold with.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from nepenthe_compress.data import iter_batches
 from nepenthe_compress.entropy import EntropyReport, measure_entropy
 from nepenthe_compress.errors import FoldError
-from nepenthe_compress.verify import float32_noise, onnx_matches_torch, verify_equivalence
+from nepenthe_compress.verify import Runner, compare_runners, eval_mode, float32_noise, onnx_matches_torch, torch_runner
 from nepenthe_compress.workflow.report import CheckName, CheckOutcome, Comparison, StateFlips, Verdict
 
 EXACT_TOL = 1e-5   # max|diff| / max|ref| on data where the recorded states hold (docs/DESIGN.md 4)
@@ -50,9 +50,22 @@ class CheckContext:
     batch_size: int = 64
     leaf_modules: tuple[str, ...] = ()
     onnx_path: Path | None = None   # the folded model's ONNX file (stage EXPORTED)
+    _reference: dict = field(default_factory=dict, repr=False)   # the original's outputs, shared by copies
 
     def batches(self, x: Tensor) -> list[Tensor]:
         return list(iter_batches(x, self.batch_size))
+
+    def reference(self) -> Runner:
+        """The original model as a runner that computes each batch (of the context's splits) once:
+        every folded variant is compared with the same outputs."""
+        run = torch_runner(self.original)
+
+        def cached(x: Tensor) -> list[Tensor]:
+            key = (x.data_ptr(), tuple(x.shape), x.stride())
+            if key not in self._reference:
+                self._reference[key] = run(x)
+            return self._reference[key]
+        return cached
 
 
 class Check(Protocol):
@@ -78,8 +91,9 @@ class TorchEquivalence:
 
     def run(self, ctx: CheckContext) -> CheckOutcome:
         x = getattr(ctx, self.split)
-        comparison = Comparison.of(verify_equivalence(ctx.original, ctx.folded, ctx.batches(x), tol=ctx.tolerance),
-                                   ctx.exact)
+        with eval_mode(ctx.original), eval_mode(ctx.folded):
+            result = compare_runners(ctx.reference(), torch_runner(ctx.folded), ctx.batches(x), tol=ctx.tolerance)
+        comparison = Comparison.of(result, ctx.exact)
         return CheckOutcome(self.name, comparison.verdict, comparison)
 
     def failure(self, outcome: CheckOutcome, ctx: CheckContext) -> str:

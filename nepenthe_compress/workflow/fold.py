@@ -14,28 +14,34 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from nepenthe_compress.bench import LatencyTable, compare_latency
 from nepenthe_compress.checkpoint import LoadedCheckpoint
 from nepenthe_compress.data import Dataset, Samples, iter_batches, resolve_inputs, split
 from nepenthe_compress.entropy import measure_entropy
+from nepenthe_compress.errors import FoldError, UserError
 from nepenthe_compress.export import export_onnx, export_pt2
-from nepenthe_compress.fold.core import fold_graph
+from nepenthe_compress.fold.core import FoldedGraph, fold_graph
 from nepenthe_compress.fold.graph import FoldOptions
 from nepenthe_compress.fold.metrics import count_macs
 from nepenthe_compress.io import OutputSet, check_writable, json_default
-from nepenthe_compress.trace import trace_model
 from nepenthe_compress.onnx_depth import onnx_depth, onnx_param_count
+from nepenthe_compress.runtime import Runtime
+from nepenthe_compress.trace import trace_model
 from nepenthe_compress.workflow.checks import CHECKS, Check, CheckContext, Stage, run_checks, tolerance
 from nepenthe_compress.workflow.outputs import output_paths, stem_of
 from nepenthe_compress.workflow.report import (
     BeforeAfter,
     CalibrationData,
+    CheckOutcome,
     Equivalence,
     Event,
     FoldReport,
     SiteCounts,
 )
+from nepenthe_compress.workflow.variants import GuardReport, VariantFigures, decide, variants_to_time
 
 Progress = Callable[[str], None]   # told each step as it starts ("measuring 4000 samples", ...)
 
@@ -51,11 +57,18 @@ class FoldSettings:
     options: FoldOptions = FoldOptions()
     holdout: float = 0.2            # fraction of the data held out to test that the states generalise
     batch_size: int = 64
-    bench: bool = False             # time original vs folded in onnxruntime (batch 1 and 32)
+    bench: bool = False             # the speed guard: time the variants against the original, choose
     bench_repeats: int = 20
     pt2: bool = True                # also export the folded model as a torch.export program
     leaf_modules: tuple[str, ...] = ()
     checks: tuple[Check, ...] = CHECKS
+    bench_batches: tuple[int, ...] = (1, 32)
+    runtime: Runtime = Runtime()    # where the guard times (provider, threads)
+    require_speedup: float | None = None   # the written model must be this many times faster (needs bench)
+
+    def __post_init__(self) -> None:
+        if self.require_speedup is not None and not self.bench:
+            raise ValueError("require_speedup needs the speed guard (bench=True)")
 
 
 @dataclass(frozen=True)
@@ -116,48 +129,88 @@ def fold(source: nn.Module | LoadedCheckpoint, calib: Samples | None = None, set
     return fold_model(model, data, settings, origin, progress)
 
 
+@dataclass
+class _Built:
+    """One folded variant: the model, its exported ONNX file and its checks' outcomes."""
+
+    folded: FoldedGraph
+    onnx: Path
+    outcomes: list[CheckOutcome]
+
+
 def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSettings(),
                origin: Provenance = Provenance(), progress: Progress = _silent) -> FoldResult:
     """Measure neuron states on the calibration split of ``data``, fold, check (``FoldError`` when a
-    fatal check fails), export to a temporary folder, check the export, optionally time it, report."""
+    fatal check fails), export to a temporary folder, check the export; with ``settings.bench`` time
+    the plan and its simpler variants against the original and keep the fastest (``variants``); report."""
     calib, held = split(data, settings.holdout)
     model = model.eval()
     progress(f"measuring neuron states on {len(calib)} samples")
     states = measure_entropy(model, list(iter_batches(calib.x, settings.batch_size)),
                              leaf_modules=settings.leaf_modules)
     example = calib.x[:2]
-    progress("folding")
-    folded = fold_graph(model, states, example, settings.options, settings.leaf_modules)
-    progress(f"checking the folded model on {len(calib)} + {len(held)} samples")
     tol, noise = tolerance(model, calib.x)
     exact = not (settings.options.allow_inexact or settings.options.approximate)
-    ctx = CheckContext(model, folded.model, calib.x, held.x, states, exact, tol, settings.batch_size,
-                       settings.leaf_modules)
-    outcomes = run_checks(settings.checks, ctx, Stage.FOLDED)
+    ctx = CheckContext(model, model, calib.x, held.x, states, exact, tol, settings.batch_size, settings.leaf_modules)
     workdir = tempfile.TemporaryDirectory(prefix="nepenthe-fold-")
     try:
-        progress("exporting ONNX" + (" and .pt2" if settings.pt2 else ""))
-        files = _export(model, folded.model, example, Path(workdir.name), settings.pt2, settings.leaf_modules)
-        ctx.onnx_path = files["onnx"]
-        progress("checking the ONNX model in onnxruntime")
-        outcomes += run_checks(settings.checks, ctx, Stage.EXPORTED)
-        latency = None
+        folder = Path(workdir.name)
+        options = variants_to_time(settings.options) if settings.bench else {"planned": settings.options}
+        built: dict[str, _Built] = {}
+        same_as: dict[str, str] = {}      # a variant whose fold is the same model as an earlier one's
+        for i, (name, opts) in enumerate(options.items()):
+            progress(f"folding ({name})" if settings.bench else "folding")
+            folded = fold_graph(model, states, example, opts, settings.leaf_modules)
+            twin = next((n for n, b in built.items() if same_model(b.folded.model, folded.model)), None)
+            if twin is not None:
+                same_as[name] = twin
+                continue
+            # the planned fold must pass every check; a fallback only the fatal ones (rerun in full if chosen)
+            checks = settings.checks if i == 0 else tuple(c for c in settings.checks if c.fatal)
+            try:
+                built[name] = _build(folded, example, replace(ctx), checks, folder / f"v{i}",
+                                     progress if i == 0 else _silent)
+            except UserError:   # a fallback that fails a check or cannot be exported is not a candidate
+                if i == 0:
+                    raise
+        original_onnx = folder / "original.onnx"
+        progress("exporting the original to ONNX")
+        export_onnx(trace_model(model, settings.leaf_modules), example, original_onnx)
+        planned = next(iter(built))
+        chosen, guard, latency = planned, None, None
         if settings.bench:
-            progress("timing original and folded models in onnxruntime")
-            latency = _latency(files, calib.x, settings.bench_repeats)
+            progress(f"timing {len(built)} variant(s) against the original in onnxruntime ({settings.runtime.provider})")
+            latency = compare_latency({"original": original_onnx, **{n: b.onnx for n, b in built.items()}},
+                                      tuple(calib.x.shape[1:]), settings.bench_batches, settings.runtime.threads,
+                                      repeats=settings.bench_repeats, provider=settings.runtime.provider)
+            guard = _guard(latency, built, same_as, model, example, planned, settings)
+            chosen = guard.chosen
+            if chosen != planned:
+                progress(f"checking the fallback ({chosen})")
+                fallback = built[chosen]
+                full = replace(ctx, folded=fallback.folded.model, onnx_path=fallback.onnx)
+                built[chosen] = replace(fallback, outcomes=[*run_checks(settings.checks, full, Stage.FOLDED),
+                                                            *run_checks(settings.checks, full, Stage.EXPORTED)])
+            latency = _rename(latency, chosen)
+        result = built[chosen]
+        files = {"onnx": result.onnx, "original_onnx": original_onnx}
+        if settings.pt2:
+            progress("exporting .pt2")
+            files["pt2"] = export_pt2(result.folded.model, example, folder / "model.folded.pt2")
+        folded = result.folded
         report = FoldReport(
-            checkpoint=origin.checkpoint, arch=origin.arch, options=settings.options,
+            checkpoint=origin.checkpoint, arch=origin.arch, options=options[chosen],
             calibration=CalibrationData(data.spec, len(calib), len(held), list(calib.x.shape[1:])),
             sites=SiteCounts(folded.sites_total + len(origin.linear_in_checkpoint), list(folded.linearised),
                              list(origin.linear_in_checkpoint), len(states.zero_entropy_sites)),
             events=[Event.of(e) for e in folded.events],
             channels_dropped=folded.channels_dropped,
             channels_kept_for_alignment=folded.channels_kept_for_alignment,
-            depth=BeforeAfter(onnx_depth(files["original_onnx"]), onnx_depth(files["onnx"])),
-            params=BeforeAfter(onnx_param_count(files["original_onnx"]), onnx_param_count(files["onnx"])),
+            depth=BeforeAfter(onnx_depth(original_onnx), onnx_depth(files["onnx"])),
+            params=BeforeAfter(onnx_param_count(original_onnx), onnx_param_count(files["onnx"])),
             macs=BeforeAfter(count_macs(model, example), count_macs(folded.model, example)),
-            equivalence=Equivalence(exact, tol if exact else None, tol, noise, outcomes),
-            latency=latency, entropy=states,
+            equivalence=Equivalence(exact, tol if exact else None, tol, noise, result.outcomes),
+            latency=latency, guard=guard, entropy=states,
             checkpoint_notes=list(origin.notes), checkpoint_warnings=list(origin.warnings))
     except BaseException:
         workdir.cleanup()
@@ -166,21 +219,44 @@ def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSet
     return FoldResult(folded.model, report, stem, files, workdir)
 
 
-def _export(original: nn.Module, folded: nn.Module, example, folder: Path, pt2: bool,
-            leaf_modules: tuple[str, ...]) -> dict[str, Path]:
-    """The folded model and the original (as its fx trace, which the fast TorchScript exporter may
-    take: see ``export``) to ONNX, and the folded model to .pt2."""
-    names = output_paths(folder, "model", pt2)
-    del names["report"]
-    export_onnx(folded, example, names["onnx"])
-    export_onnx(trace_model(original, leaf_modules), example, names["original_onnx"])
-    if pt2:
-        export_pt2(folded, example, names["pt2"])
-    return names
+def _build(folded: FoldedGraph, example, ctx: CheckContext, checks: tuple[Check, ...],
+           folder: Path, progress: Progress) -> _Built:
+    """Run ``checks`` on the folded torch model, export it to ``folder``, check the export."""
+    ctx.folded = folded.model
+    progress(f"checking the folded model on {len(ctx.calib)} + {len(ctx.heldout)} samples")
+    outcomes = run_checks(checks, ctx, Stage.FOLDED)
+    folder.mkdir()
+    progress("exporting ONNX")
+    ctx.onnx_path = export_onnx(folded.model, example, folder / "model.folded.onnx")
+    progress("checking the ONNX model in onnxruntime")
+    outcomes += run_checks(checks, ctx, Stage.EXPORTED)
+    return _Built(folded, ctx.onnx_path, outcomes)
 
 
-def _latency(files: dict[str, Path], x, repeats: int):
-    from nepenthe_compress.bench import compare_latency
+def same_model(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two folded GraphModules compute the same thing: same code, same tensors."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return (getattr(a, "code", None) == getattr(b, "code", None) and sa.keys() == sb.keys()
+            and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa))
 
-    return compare_latency({"original": files["original_onnx"], "folded": files["onnx"]},
-                           tuple(x.shape[1:]), batches=(1, 32), threads=2, repeats=repeats)
+
+def _guard(latency: LatencyTable, built: dict[str, _Built], same_as: dict[str, str], model: nn.Module, example,
+           planned: str, settings: FoldSettings) -> GuardReport:
+    """Decide from the measured ``latency``; ``FoldError`` when no variant may be written."""
+    fallback = settings.options.merge == "auto"
+    decision = decide(latency, planned, list(built), settings.require_speedup, fallback)
+    if decision.chosen is None:
+        raise FoldError(f"{decision.reason}: nothing written"
+                        + ("" if settings.require_speedup else " (--no-bench skips the speed guard)"))
+    macs = count_macs(model, example)
+    figures = [VariantFigures(n, decision.speedups[n], decision.slower[n], macs / max(count_macs(b.folded.model, example), 1),
+                              onnx_depth(b.onnx)) for n, b in built.items()]
+    figures += [replace(next(f for f in figures if f.name == twin), name=n, same_as=twin) for n, twin in same_as.items()]
+    return GuardReport(planned, decision.chosen, decision.reason, settings.runtime.provider, settings.runtime.threads,
+                       figures, settings.require_speedup)
+
+
+def _rename(table: LatencyTable, chosen: str) -> LatencyTable:
+    """The latency table with the written variant's rows named ``folded`` (the others keep their names)."""
+    rows = [replace(r, model="folded") if r.model == chosen else r for r in table.rows]
+    return replace(table, rows=rows)

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from nepenthe_compress.entropy import EntropyReport
     from nepenthe_compress.fold.graph import FoldOptions
     from nepenthe_compress.verify import VerifyResult
+    from nepenthe_compress.workflow.variants import GuardReport
 
 
 class EventAction(str, Enum):
@@ -156,6 +157,19 @@ class BeforeAfter:
 
 
 @dataclass(frozen=True)
+class LayersRemoved:
+    """"Layers removed k/L" as the papers count them (k linear rectifier layers of L), beside the
+    weighted layers the exported model's longest path actually lost."""
+
+    removed: int     # k: sites linear after the fold (linearised, or already linear in the checkpoint)
+    of: int          # L: sites
+    depth: int       # ONNX depth before - after
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class CalibrationData:
     source: str              # the data spec (or what the samples were given as)
     samples: int             # calibration split
@@ -198,6 +212,7 @@ class FoldReport:
     equivalence: Equivalence
     latency: LatencyTable | None
     entropy: EntropyReport            # neuron states on the calibration split
+    guard: GuardReport | None = None  # the speed guard's measurements and choice (None: not timed)
     outputs: dict[str, str] = field(default_factory=dict)   # kind -> path, once saved
     checkpoint_notes: list[str] = field(default_factory=list)     # what loading changed (upcasts, hooks)
     checkpoint_warnings: list[str] = field(default_factory=list)
@@ -205,13 +220,18 @@ class FoldReport:
     def count(self, action: EventAction) -> int:
         return sum(e.action is action for e in self.events)
 
+    @property
+    def layers_removed(self) -> LayersRemoved:
+        return LayersRemoved(self.sites.linearised, self.sites.total, self.depth.before - self.depth.after)
+
     def to_dict(self) -> dict:
         return {"checkpoint": self.checkpoint, "arch": self.arch, "options": asdict(self.options),
                 "calibration": self.calibration.to_dict(), "sites": self.sites.to_dict(),
                 "events": [e.to_dict() for e in self.events], "channels_dropped": self.channels_dropped,
                 "channels_kept_for_alignment": self.channels_kept_for_alignment,
-                "depth": self.depth.to_dict(), "params": self.params.to_dict(), "macs": self.macs.to_dict(),
+                "depth": self.depth.to_dict(), "layers_removed": self.layers_removed.to_dict(), "params": self.params.to_dict(), "macs": self.macs.to_dict(),
                 "equivalence": self.equivalence.to_dict(),
                 "latency": None if self.latency is None else self.latency.to_dict(),
+                "guard": None if self.guard is None else self.guard.to_dict(),
                 "outputs": dict(self.outputs), "entropy": self.entropy.to_dict(),
                 "checkpoint_notes": list(self.checkpoint_notes), "checkpoint_warnings": list(self.checkpoint_warnings)}
