@@ -65,7 +65,8 @@ def _channels(m: nn.Module, t: Tensor) -> Tensor:
 def calibrate_and_pin(model: nn.Module, x: Tensor, pins: dict[nn.Module, tuple[str, float]]) -> None:
     """One eval pass: every BN's running stats from its own input; then each pinned BN / Linear
     output is shifted (``("on", 0)``: min >= 1; ``("linear6", 0)``: squeezed into [1, 5] for ReLU6;
-    ``("dead", fraction)``: that leading fraction of channels plus MISALIGN constant -1)."""
+    ``("dead", fraction)``: that leading fraction of channels plus MISALIGN constant -1, the others
+    centred so they stay mixed: a no-op after a calibrated BN, needed after a Linear)."""
     def stats(bn, args):
         z = _channels(bn, args[0])
         bn.running_mean.copy_(z.mean(1))
@@ -83,6 +84,7 @@ def calibrate_and_pin(model: nn.Module, x: Tensor, pins: dict[nn.Module, tuple[s
             shift = 1 - scale * lo
         else:
             k = int(len(lo) * fraction) + MISALIGN
+            shift = -z.mean(1)
             scale[:k], shift[:k] = 0.0, -1.0
         m.weight.mul_(scale if isinstance(m, NORM) else scale[:, None])
         m.bias.mul_(scale).add_(shift)
