@@ -290,9 +290,22 @@ def compose_convs(a: ConvSpec, b: ConvSpec, in_hw: Pair, allow_inexact: bool = F
     if not allow_inexact and not _border_exact(a, b):
         raise BorderInexact(f"padded {_kxk(a.kernel_size)} -> padded {_kxk(b.kernel_size)} "
                        "is border-inexact")
-    axes = [_compose_axis(*g) for g in zip(a.kernel_size, a.stride, a.padding, a.dilation,
+    axes = compose_axes(a, b)
+    return merged_conv(a, b, in_hw, *_compose_weights(a, b, axes), axes)
+
+
+def compose_axes(a: ConvSpec, b: ConvSpec) -> list[_Axis]:
+    """The geometry of b(a(x)) as one conv, per spatial dim."""
+    return [_compose_axis(*g) for g in zip(a.kernel_size, a.stride, a.padding, a.dilation,
                                            b.kernel_size, b.stride, b.padding, b.dilation)]
-    weight, groups = _refine(*_compose_weights(a, b, axes))
+
+
+def merged_conv(a: ConvSpec, b: ConvSpec, in_hw: Pair, weight: Tensor, groups: int,
+                axes: list[_Axis]) -> ConvSpec:
+    """The conv with the composed ``weight`` (``groups``, re-derived) and the additive term of
+    b(a(x)): a's through b with b's zero padding, plus b's own."""
+    mid_hw = a.out_size(in_hw)
+    weight, groups = _refine(weight, groups)
     merged = _spec(weight, b.bias, axes, groups, b.bias_map)
     if merged.out_size(in_hw) != b.out_size(mid_hw):
         raise NotExact(f"merged output size {merged.out_size(in_hw)} differs from "
@@ -308,7 +321,26 @@ def _compose_axis(ka: int, sa: int, pa: int, da: int, kb: int, sb: int, pb: int,
 
 
 def _compose_weights(a: ConvSpec, b: ConvSpec, axes: list[_Axis]) -> tuple[Tensor, int]:
-    """Correlation composition of the weights of b after a: (merged weight, its groups).
+    """Correlation composition of the weights of b after a: (merged weight, its groups)."""
+    products, g = tap_products(a, b)
+    return place_products(products, None, axes), g
+
+
+def place_products(products: dict[Pair, Tensor], taps: set[Pair] | None, axes: list[_Axis]) -> Tensor:
+    """The merged kernel summing the ``tap_products`` of b's taps ``taps`` (None: all)."""
+    h, w = axes
+    first = next(iter(products.values()))
+    co, cig, kah, kaw = first.shape
+    out = first.new_zeros(co, cig, h.kernel, w.kernel)
+    for (i, j), t in products.items():
+        if taps is None or (i, j) in taps:
+            out[..., _taps(i * h.b_step, kah, h.a_step), _taps(j * w.b_step, kaw, w.a_step)] += t
+    return out
+
+
+def tap_products(a: ConvSpec, b: ConvSpec) -> tuple[dict[Pair, Tensor], int]:
+    """Per tap (i, j) of b: b's weights at that tap composed with a's whole kernel
+    (``[Co, Ci/g, kAh, kAw]``), and their groups g.
 
     Groups stay grouped (no dense expansion) when one count divides the other; otherwise both are
     first rewritten with gcd(gA, gB) groups. With g = min(gA, gB) and r = max/min, the einsum sums
@@ -329,13 +361,8 @@ def _compose_weights(a: ConvSpec, b: ConvSpec, axes: list[_Axis]) -> tuple[Tenso
         wa6 = wa.reshape(g, r, m // gb, cia, kah, kaw)
         wb6 = wb.reshape(g, r, co // gb, m // gb, kbh, kbw)
         equation = "grom,grmixy->groixy"
-    h, w = axes
-    out = wa.new_zeros(co, wa.shape[1] * ga // g, h.kernel, w.kernel)
-    for i in range(kbh):
-        for j in range(kbw):
-            out[..., _taps(i * h.b_step, kah, h.a_step), _taps(j * w.b_step, kaw, w.a_step)] += \
-                torch.einsum(equation, wb6[..., i, j], wa6).reshape(co, -1, kah, kaw)
-    return out, g
+    return {(i, j): torch.einsum(equation, wb6[..., i, j], wa6).reshape(co, -1, kah, kaw)
+            for i in range(kbh) for j in range(kbw)}, g
 
 
 def compose_linears(a: LinearSpec, b: LinearSpec) -> LinearSpec:

@@ -167,11 +167,16 @@ class _Piece:
                 self.window.height, self.window.width)
 
 
-def _trim(weight: Tensor, dim: int, first: int, step: int, n: int) -> tuple[Tensor, int, int] | None:
-    """Keep taps i of ``dim`` (reading input index first + i*step) that read inside [0, n) and carry
-    a weight: (trimmed weight, first input index, input extent), or None when there are none."""
-    live = [i for i in range(weight.shape[dim])
-            if 0 <= first + i * step < n and bool(weight.select(dim, i).ne(0).any())]
+def _reach(b_taps: Sequence[int], axis: A._Axis, ka: int) -> set[int]:
+    """Merged-kernel taps along one dim that b's taps ``b_taps`` (with all of a's ka taps) reach."""
+    return {t * axis.b_step + k * axis.a_step for t in b_taps for k in range(ka)}
+
+
+def _trim(weight: Tensor, dim: int, reach: set[int], first: int, step: int, n: int
+          ) -> tuple[Tensor, int, int] | None:
+    """Keep the taps i of ``dim`` in ``reach`` that read inside [0, n) (input index first + i*step):
+    (trimmed weight, first input index, input extent), or None when there are none."""
+    live = [i for i in sorted(reach) if 0 <= first + i * step < n]
     if not live:
         return None
     i0, i1 = live[0], live[-1]
@@ -186,35 +191,36 @@ def compose_corrected(a: A.ConvSpec, b: A.ConvSpec, in_hw: Pair) -> BorderConvSp
     the merged output size differs from b's."""
     if in_hw is None:
         raise A.NotExact("the input size is not known (border corrections need static shapes)")
-    main = A.compose_convs(a, b, in_hw, allow_inexact=True)
-    mid, out = a.out_size(in_hw), main.out_size(in_hw)
-    axes = [A._compose_axis(*g) for g in zip(a.kernel_size, a.stride, a.padding, a.dilation,
-                                             b.kernel_size, b.stride, b.padding, b.dilation)]
+    A._check_map(a, in_hw)
+    mid = a.out_size(in_hw)
+    A._check_map(b, mid)
+    axes = A.compose_axes(a, b)
+    products, g = A.tap_products(a, b)          # the one expensive step, shared by every piece
+    main = A.merged_conv(a, b, in_hw, A.place_products(products, None, axes), g, axes)
+    out = main.out_size(in_hw)
     (kbh, kbw), (sbh, sbw), (pbh, pbw), (dbh, dbw) = b.kernel_size, b.stride, b.padding, b.dilation
-    rings_r = {o: ring_taps(o, kbh, sbh, pbh, dbh, mid[0]) for o in range(out[0])}
-    rings_c = {p: ring_taps(p, kbw, sbw, pbw, dbw, mid[1]) for p in range(out[1])}
-    rings_r = {o: t for o, t in rings_r.items() if t}
-    rings_c = {p: t for p, t in rings_c.items() if t}
+    rings_r = {o: t for o in range(out[0]) if (t := ring_taps(o, kbh, sbh, pbh, dbh, mid[0]))}
+    rings_c = {p: t for p in range(out[1]) if (t := ring_taps(p, kbw, sbw, pbw, dbw, mid[1]))}
 
     def composed(rows: Sequence[int] | None, cols: Sequence[int] | None) -> tuple[Tensor, int]:
         """A composed with B's taps restricted to ``rows`` x ``cols`` (None: all)."""
-        r, c = torch.zeros(kbh, dtype=torch.bool), torch.zeros(kbw, dtype=torch.bool)
-        r[slice(None) if rows is None else list(rows)] = True
-        c[slice(None) if cols is None else list(cols)] = True
-        return A._compose_weights(a, replace(b, weight=b.weight * (r[:, None] & c[None, :])), axes)
+        taps = {(i, j) for i in (range(kbh) if rows is None else rows)
+                for j in (range(kbw) if cols is None else cols)}
+        return A.place_products(products, taps, axes), g
 
     h, w = axes
     pieces: list[_Piece] = []
+    kah, kaw = a.kernel_size
     for o, taps in rings_r.items():          # edge rows: translation-invariant along the columns
         weight, g = composed(taps, None)
-        trimmed = _trim(-weight, 2, o * h.stride - h.padding, h.dilation, in_hw[0])
+        trimmed = _trim(-weight, 2, _reach(taps, h, kah), o * h.stride - h.padding, h.dilation, in_hw[0])
         if trimmed is not None:
             k, top, height = trimmed
             pieces.append(_Piece(k, g, (1, w.stride), (0, w.padding), (h.dilation, w.dilation),
                                  Window(top, 0, height, in_hw[1]), (o, 0)))
     for p, taps in rings_c.items():          # edge columns: translation-invariant along the rows
         weight, g = composed(None, taps)
-        trimmed = _trim(-weight, 3, p * w.stride - w.padding, w.dilation, in_hw[1])
+        trimmed = _trim(-weight, 3, _reach(taps, w, kaw), p * w.stride - w.padding, w.dilation, in_hw[1])
         if trimmed is not None:
             k, left, width = trimmed
             pieces.append(_Piece(k, g, (h.stride, 1), (h.padding, 0), (h.dilation, w.dilation),
@@ -222,8 +228,9 @@ def compose_corrected(a: A.ConvSpec, b: A.ConvSpec, in_hw: Pair) -> BorderConvSp
     for o, rt in rings_r.items():            # corners: counted twice above, added back once
         for p, ct in rings_c.items():
             weight, g = composed(rt, ct)
-            t = _trim(weight, 2, o * h.stride - h.padding, h.dilation, in_hw[0])
-            t = None if t is None else (_trim(t[0], 3, p * w.stride - w.padding, w.dilation, in_hw[1]), t)
+            t = _trim(weight, 2, _reach(rt, h, kah), o * h.stride - h.padding, h.dilation, in_hw[0])
+            t = None if t is None else (_trim(t[0], 3, _reach(ct, w, kaw), p * w.stride - w.padding,
+                                              w.dilation, in_hw[1]), t)
             if t is not None and t[0] is not None:
                 (k, left, width), (_, top, height) = t
                 pieces.append(_Piece(k, g, (1, 1), (0, 0), (h.dilation, w.dilation),
@@ -352,8 +359,9 @@ def work(spec: BorderConvSpec, in_hw: Pair) -> tuple[int, int, int]:
     return outputs + len(splices) * co * ho * wo, macs, extra
 
 
-def piece_out(g: PieceGroup) -> Pair:
-    """Spatial output size of each piece of ``g``."""
+def piece_out(g: PieceGroup, weight: Tensor | None = None) -> Pair:
+    """Spatial output size of each piece of ``g`` (its weight given apart when a module holds it)."""
     size = (g.windows[0].height, g.windows[0].width)
+    kernel = (g.weight if weight is None else weight).shape[2:]
     return tuple(A._out_len(n, k, s, p, d) for n, k, s, p, d in
-                 zip(size, g.weight.shape[2:], g.stride, g.padding, g.dilation))
+                 zip(size, kernel, g.stride, g.padding, g.dilation))

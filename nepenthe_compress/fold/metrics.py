@@ -1,9 +1,11 @@
-"""Multiply-accumulate counts of a traced model (conv and linear layers) for one input sample."""
+"""Multiply-accumulate counts of a traced model (conv and linear layers, border corrections
+included) for one input sample."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
+from nepenthe_compress.fold.modules import BorderConv2d
 from nepenthe_compress.trace import propagate_shapes, shape_of, trace_model
 
 
@@ -24,6 +26,8 @@ def count_macs(model: nn.Module, example: Tensor) -> int:
             total += inp[1:].numel() * m.weight[0].numel()
         elif isinstance(m, nn.modules.conv._ConvNd):
             total += out[1:].numel() * m.weight[0].numel()
+            if isinstance(m, BorderConv2d):
+                total += m.correction_macs()
         elif isinstance(m, nn.Linear):
             total += out[1:].numel() * m.in_features
     return int(total)

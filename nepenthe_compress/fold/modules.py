@@ -1,8 +1,14 @@
 """The few modules a folded graph contains besides torch's own (module <-> spec: ``fold.ops``)."""
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+
 import torch
 from torch import Tensor, nn
+
+from nepenthe_compress.fold.border import PieceGroup, correct, piece_out
 
 
 class ChannelAffine(nn.Module):
@@ -48,3 +54,36 @@ class AddConstant(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.value
+
+
+class BorderConv2d(nn.Conv2d):
+    """Conv2d (plus an optional border bias map) plus the border correction of an exact padded
+    KxK -> padded KxK merge (``fold.border``): thin convs over the edge rows, columns and corners
+    of x, added to the output's border rows and columns. Exact for inputs of size ``in_hw`` only."""
+
+    def __init__(self, *args, pieces: Sequence[PieceGroup], in_hw: tuple[int, int],
+                 bias_map: Tensor | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.in_hw = tuple(in_hw)
+        self.layout = tuple(replace(g, weight=None) for g in pieces)   # geometry; weights are buffers
+        for i, g in enumerate(pieces):
+            self.register_buffer(f"piece{i}", g.weight.detach().to(self.weight.dtype).clone())
+        self.register_buffer("bias_map", None if bias_map is None else bias_map.detach().to(self.weight.dtype).clone())
+
+    def pieces(self) -> list[tuple[Tensor, PieceGroup]]:
+        """(weight, geometry) of every piece group."""
+        return [(getattr(self, f"piece{i}"), g) for i, g in enumerate(self.layout)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) != self.in_hw:
+            raise ValueError(f"BorderConv2d was folded for inputs of size {self.in_hw}, "
+                             f"not {tuple(x.shape[-2:])}")
+        z = super().forward(x)
+        return correct(z if self.bias_map is None else z + self.bias_map, x, self.pieces())
+
+    def correction_macs(self) -> int:
+        """Multiply-accumulates of the pieces for one sample."""
+        return sum(w.shape[0] * math.prod(piece_out(g, w)) * w[0].numel() for w, g in self.pieces())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, in_hw={self.in_hw}, piece_groups={len(self.layout)}"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nepenthe_compress.fold import algebra as A
-from nepenthe_compress.fold.modules import ChannelAffine, MapConv2d
+from nepenthe_compress.fold import border as BD
+from nepenthe_compress.fold.modules import BorderConv2d, ChannelAffine, MapConv2d
 from nepenthe_compress.sites import ActivationKind, call_arg, classify_node
 from nepenthe_compress.trace import shape_of
 
-Spec = A.ConvSpec | A.LinearSpec | A.ConvTransposeSpec
+Spec = A.ConvSpec | A.LinearSpec | A.ConvTransposeSpec | BD.BorderConvSpec
 Shape = torch.Size | tuple[int, ...]   # a tensor shape, batch axis included
 
 
@@ -56,6 +57,7 @@ class LayerKind:
     drop_in: Callable[[Spec, Tensor, Tensor, Shape], Spec] | None = None  # keep inputs; constants
     work: Callable[[Spec, Shape], tuple[int, int, int]] | None = None   # (outputs, MACs, extra adds)
     algebra: tuple[Callable, ...] = ()                                  # the pure functions used
+    family: str | None = None       # kinds of one family chain and add together (default: name)
 
 
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
@@ -80,16 +82,34 @@ def _copy_into(m: nn.Module, spec: Spec) -> nn.Module:
     return m
 
 
+def _conv_kwargs(spec: A.ConvSpec, like: nn.Module) -> dict:
+    co, ci_g, kh, kw = spec.weight.shape
+    return dict(in_channels=ci_g * spec.groups, out_channels=co, kernel_size=(kh, kw),
+                stride=spec.stride, padding=spec.padding, dilation=spec.dilation,
+                groups=spec.groups, bias=True, padding_mode="zeros",
+                device=like.weight.device, dtype=like.weight.dtype)
+
+
 def conv_module(spec: A.ConvSpec, like: nn.Module) -> nn.Conv2d:
     """A Conv2d (MapConv2d when the spec has a bias map) holding ``spec`` in ``like``'s dtype/device."""
-    co, ci_g, kh, kw = spec.weight.shape
-    kwargs = dict(in_channels=ci_g * spec.groups, out_channels=co, kernel_size=(kh, kw),
-                  stride=spec.stride, padding=spec.padding, dilation=spec.dilation,
-                  groups=spec.groups, bias=True, padding_mode="zeros",
-                  device=like.weight.device, dtype=like.weight.dtype)
+    kwargs = _conv_kwargs(spec, like)
     m = (MapConv2d(**kwargs, bias_map=spec.bias_map) if spec.bias_map is not None
          else nn.Conv2d(**kwargs))
     return _copy_into(m, spec)
+
+
+def border_conv_spec(m: BorderConv2d, dtype: torch.dtype = torch.float64) -> BD.BorderConvSpec:
+    pieces = tuple(replace(g, weight=w.detach().to(dtype)) for w, g in m.pieces())
+    return BD.BorderConvSpec(conv_spec(m, dtype), pieces, m.in_hw)
+
+
+def border_conv_module(spec: BD.BorderConvSpec, like: nn.Module) -> nn.Conv2d:
+    """A BorderConv2d holding ``spec`` (a plain conv module when it has no pieces)."""
+    if not spec.pieces:
+        return conv_module(spec.main, like)
+    m = BorderConv2d(**_conv_kwargs(spec.main, like), pieces=spec.pieces, in_hw=spec.in_hw,
+                     bias_map=spec.main.bias_map)
+    return _copy_into(m, spec.main)
 
 
 def linear_spec(m: nn.Linear, dtype: torch.dtype = torch.float64) -> A.LinearSpec:
@@ -143,14 +163,28 @@ CONV2D = LayerKind(
     "conv2d", A.ConvSpec, _is_conv2d, conv_spec, conv_module, channel_axis=lambda rank: 1,
     then_affine=A.conv_then_affine,
     affine_then=lambda a, c, spec, shape: A.affine_then_conv(a, c, spec, _hw(shape)),
-    compose=lambda a, b, shape, inexact: A.compose_convs(a, b, _hw(shape), allow_inexact=inexact),
-    add=lambda a, b, shape: A.add_convs(a, b, _hw(shape)),
+    compose=lambda a, b, shape, inexact: BD.compose(a, b, _hw(shape), inexact),   # border-corrected
+    add=lambda a, b, shape: BD.add(a, b, _hw(shape)),                              # if needed
     identity=A.identity_conv,
     drop_out=A.drop_conv_outputs,
     drop_in=lambda spec, keep, values, shape: A.drop_conv_inputs(spec, keep, values, _hw(shape)),
-    work=_conv_work,
-    algebra=(A.conv_then_affine, A.affine_then_conv, A.compose_convs, A.add_convs, A.identity_conv,
-             A.drop_conv_outputs, A.drop_conv_inputs))
+    work=_conv_work, family="conv2d",
+    algebra=(A.conv_then_affine, A.affine_then_conv, A.compose_convs, BD.compose_corrected, A.add_convs,
+             A.identity_conv, A.drop_conv_outputs, A.drop_conv_inputs))
+
+BORDER_CONV2D = LayerKind(
+    "border_conv2d", BD.BorderConvSpec, lambda m: type(m) is BorderConv2d, border_conv_spec,
+    border_conv_module, channel_axis=lambda rank: 1,
+    then_affine=BD.then_affine,
+    affine_then=lambda a, c, spec, shape: BD.affine_then(a, c, spec, _hw(shape)),
+    compose=lambda a, b, shape, inexact: BD.compose(a, b, _hw(shape), inexact),   # refuses: merged once
+    add=lambda a, b, shape: BD.add(a, b, _hw(shape)),
+    identity=BD.identity,
+    drop_out=BD.drop_out,
+    drop_in=lambda spec, keep, values, shape: BD.drop_in(spec, keep, values, _hw(shape)),
+    work=lambda spec, shape: BD.work(spec, _hw(shape)),
+    algebra=(BD.then_affine, BD.affine_then, BD.compose, BD.add, BD.identity, BD.drop_out, BD.drop_in),
+    family="conv2d")
 
 LINEAR = LayerKind(
     "linear", A.LinearSpec, lambda m: type(m) is nn.Linear, linear_spec, linear_module,
@@ -171,7 +205,7 @@ CONV_TRANSPOSE2D = LayerKind(
     conv_transpose_spec, conv_transpose_module, channel_axis=lambda rank: 1,
     then_affine=A.conv_transpose_then_affine, algebra=(A.conv_transpose_then_affine,))
 
-LAYERS: tuple[LayerKind, ...] = (CONV2D, LINEAR, CONV_TRANSPOSE2D)
+LAYERS: tuple[LayerKind, ...] = (CONV2D, BORDER_CONV2D, LINEAR, CONV_TRANSPOSE2D)
 _BY_SPEC = {k.spec_type: k for k in LAYERS}
 
 
@@ -207,8 +241,10 @@ def is_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def same_layer_kind(gm: fx.GraphModule, a: fx.Node, b: fx.Node) -> bool:
-    kind = layer_kind(gm, a)
-    return kind is not None and kind.compose is not None and layer_kind(gm, b) is kind
+    """Both mergeable layers of one family (a conv2d and a border-corrected conv2d are)."""
+    ka, kb = layer_kind(gm, a), layer_kind(gm, b)
+    return (ka is not None and kb is not None and ka.compose is not None
+            and (ka.family or ka.name) == (kb.family or kb.name))
 
 
 def is_dense(gm: fx.GraphModule, node: fx.Node) -> bool:

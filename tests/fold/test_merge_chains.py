@@ -93,22 +93,33 @@ def test_auto_partitions_a_chain_by_cost() -> None:
     assert len(weighted(every)) == 1
 
 
-def test_border_inexact_merge_is_refused_by_default_and_reported_when_allowed() -> None:
+def test_padded_pair_merges_exactly_with_a_border_correction() -> None:
+    """3x3 pad 1 -> 3x3 pad 1: one layer, exact (fold.border; tests/fold/test_border_merge.py)."""
     torch.manual_seed(0)
     m, x = Chain(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)).double(), image(8)
     set_states(m, x, {m.layers[0]: "on"})
+    merged = fold(m, x, merge="all")
+    assert len(weighted(merged)) == 1
+    assert events(merged, "merge") == ["layers.0 -> layers.1: 2 layers -> 1 (exact with a border correction: "
+                                       "8 edge/corner convs in parallel)"]
+    assert_exact(m, merged, x)
+
+
+def test_three_padded_convs_merge_pairwise_and_border_inexact_only_when_allowed() -> None:
+    torch.manual_seed(0)
+    m = Chain(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)).double()
+    x = image(8)
+    set_states(m, x, {m.layers[0]: "on", m.layers[1]: "on"})
     report = measure(m, x)
-    refused = fold(m, x, report, merge="all")
-    assert events(refused, "merge") == [] and len(weighted(refused)) == 2
-    assert events(refused, "skip") == ["layers.1: merge skipped: layers.0 -> layers.1: padded 3x3 -> padded "
-                                       "3x3 is border-inexact"]
-    assert_exact(m, refused, x)
+    pairwise = fold(m, x, report, merge="all")
+    assert len(weighted(pairwise)) == 2 and len(events(pairwise, "merge")) == 1
+    assert_exact(m, pairwise, x)
     merged = fold(m, x, report, merge="all", allow_inexact=True)
     assert len(weighted(merged)) == 1
     assert any("BORDER-INEXACT" in s for s in events(merged, "merge"))
     assert max_rel(m, merged, x) > 1e-3
-    with torch.no_grad():  # the error is confined to the border ring (2 pixels: two padded 3x3s)
-        inner = (m(x) - merged.model(x))[..., 2:-2, 2:-2]
+    with torch.no_grad():  # the error is confined to the border ring (3 pixels: three padded 3x3s)
+        inner = (m(x) - merged.model(x))[..., 3:-3, 3:-3]
     assert inner.abs().max() <= 1e-10 * m(x).abs().max()
 
 

@@ -3,8 +3,10 @@
 A chain is a maximal run of layer nodes where each one's only user is the next. For each chain a
 dynamic programme picks the partition into merged segments with the lowest total price
 (``GraphRewriter.price``, the driver's cost model under the ``--merge`` mode); segments whose merge
-is not exact are infeasible unless the user opted in to border-inexact merges. Conv-like layers
-that cannot merge at all (ConvTranspose, non-zero padding modes) next to a layer are reported.
+is not exact are infeasible unless the user opted in to border-inexact merges (a padded conv into a
+zero-padded conv is exact with a border correction, ``fold.border``; a segment of three or more
+such convs is not). Conv-like layers that cannot merge at all (ConvTranspose, non-zero padding
+modes) next to a layer are reported.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from nepenthe_compress.fold import algebra as A
+from nepenthe_compress.fold import border
 from nepenthe_compress.fold import ops
 from nepenthe_compress.fold.protocol import Rewrite, merging
 from nepenthe_compress.fold.rewriter import GraphRewriter
@@ -67,21 +70,34 @@ def match(rw: GraphRewriter) -> Iterator[Refusal | list[fx.Node]]:
     yield from find_chains(rw)
 
 
-def compose(rw: GraphRewriter, nodes: list[fx.Node]) -> Segment | str:
-    """The merged segment, or why it cannot be merged."""
+def _composed(rw: GraphRewriter, nodes: list[fx.Node], allow_inexact: bool) -> ops.Spec:
+    """The layers of ``nodes`` composed in order; ``NotExact`` names the pair that refused."""
     kind = ops.layer_kind(rw.gm, nodes[0])
     spec = ops.spec_of(rw.gm, nodes[0])
     shape = rw.shape(ops.only_input(nodes[0]))
-    inexact = False
     for prev, node in zip(nodes, nodes[1:]):
-        b = ops.spec_of(rw.gm, node)
         try:
-            spec = kind.compose(spec, b, shape, False)
+            spec = kind.compose(spec, ops.spec_of(rw.gm, node), shape, allow_inexact)
         except A.NotExact as e:
-            if not (rw.options.allow_inexact and isinstance(e, A.BorderInexact)):
-                return f"{rw.label(prev)} -> {rw.label(node)}: {e}"
-            spec, inexact = kind.compose(spec, b, shape, True), True
-    return Segment(nodes, spec, inexact)
+            raise type(e)(f"{rw.label(prev)} -> {rw.label(node)}: {e}") from e
+    return spec
+
+
+def compose(rw: GraphRewriter, nodes: list[fx.Node]) -> Segment | str:
+    """The merged segment (exact: border-corrected where a padded conv feeds a padded conv), or
+    why it cannot be merged; with ``--allow-inexact`` a segment refused as border-inexact (three or
+    more padded convs) is composed without correction instead."""
+    try:
+        return Segment(nodes, _composed(rw, nodes, False), False)
+    except A.BorderInexact as e:
+        if not rw.options.allow_inexact:
+            return str(e)
+    except A.NotExact as e:
+        return str(e)
+    try:
+        return Segment(nodes, _composed(rw, nodes, True), True)
+    except A.NotExact as e:
+        return str(e)
 
 
 def partition(rw: GraphRewriter, chain: list[fx.Node]) -> list[Segment]:
@@ -131,17 +147,24 @@ def apply(rw: GraphRewriter, segments: list[Segment]) -> None:
         last.replace_input_with(ops.only_input(last), ops.only_input(first))
         for node in reversed(seg.nodes[:-1]):
             rw.gm.graph.erase_node(node)
-        note = " (BORDER-INEXACT: opted in, see the measured error)" if seg.inexact else ""
+        note = " (BORDER-INEXACT: opted in, see the measured error)" if seg.inexact else _correction(seg.spec)
         rw.record("merge", names, f"{len(seg.nodes)} layers -> 1{note}")
+
+
+def _correction(spec: ops.Spec) -> str:
+    pieces = sum(g.count for g in getattr(spec, "pieces", ()))
+    return f" (exact with a border correction: {pieces} edge/corner convs in parallel)" if pieces else ""
 
 
 MERGE_CHAINS = Rewrite(
     name="merge_chains",
     pattern="conv -> conv -> ... | linear -> linear -> ... (single-use edges) -> fewer layers",
-    algebra=(A.compose_convs, A.compose_linears),
+    algebra=(A.compose_convs, border.compose_corrected, A.compose_linears),
     exactness="linear: always; conv: when the second has padding 0, or per dim pA >= (kA-1)*dA "
-              "(e.g. a 1x1 first, with a border bias map); padded KxK -> padded KxK only with "
-              "--allow-inexact (error measured)",
+              "(e.g. a 1x1 first, with a border bias map); a padded KxK -> zero-padded KxK pair "
+              "exactly with a border correction (edge and corner convs over x's border strips, in "
+              "parallel; for the input size folded on); three or more such convs in one segment "
+              "only with --allow-inexact (error measured)",
     tests="tests/fold/test_merge_chains.py",
     match=match, plan=plan, apply=apply,
     cost="dynamic programme over segment prices (price(merged segment) per chain)", enabled=merging)
