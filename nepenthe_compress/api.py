@@ -74,7 +74,7 @@ def fold(model: Model, calib: Samples | None = None, merge: str = "auto", *, all
          limit: int | None = None, batch_size: int = 64, bench: bool = False, bench_repeats: int = 20,
          pt2: bool = True, leaf_modules: tuple[str, ...] = (), input_shape: tuple[int, ...] | None = None,
          normalize: dict | None = None, channels: int | None = None, bench_batches: tuple[int, ...] = (1, 32),
-         provider: str = "cpu", threads: int = 2, require_speedup: float | None = None,
+         provider: str = "cpu", threads: int = 2, require_speedup: float | None = None, cost: str = "measured",
          progress: Callable[[str], None] | None = None) -> FoldResult:
     """Fold ``model`` on ``calib`` as ``nepenthe-compress fold`` does, without writing anything.
 
@@ -86,12 +86,13 @@ def fold(model: Model, calib: Samples | None = None, merge: str = "auto", *, all
     guard: the fold and its simpler exact variants are timed against the original in onnxruntime
     (``provider``, ``threads``, at ``bench_batches``) and the fastest one not slower is kept
     (``.report.guard``); ``FoldError`` when none is, or none is ``require_speedup`` times faster.
+    ``cost``: how ``merge="auto"`` prices merges, ``measured`` on ``provider`` (cached on disk) or ``flops``.
     ``progress`` is called with each step's name as it starts.
     """
     if merge not in MERGE_MODES:
         raise ValueError(f"merge must be one of {', '.join(MERGE_MODES)}, not {merge!r}")
     settings = FoldSettings(FoldOptions(merge, allow_inexact, approximate, drop_channels, channel_align), holdout,
                             batch_size, bench, bench_repeats, pt2, tuple(leaf_modules), bench_batches=tuple(bench_batches),
-                            runtime=Runtime(provider, threads), require_speedup=require_speedup)
+                            runtime=Runtime(provider, threads), require_speedup=require_speedup, cost=cost)
     return workflow.fold(_loaded(model), calib, settings, data_overrides=_overrides(input_shape, normalize, channels),
                          limit=limit, progress=progress or (lambda step: None))

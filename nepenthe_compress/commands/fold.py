@@ -48,6 +48,9 @@ def calib_need(argument: str) -> Need:
               help="auto: merge where the cost model predicts a speed-up; all: every exact merge "
                    "(maximum depth reduction; a padded KxK -> padded KxK pair merges exactly with a border "
                    "correction); none: linearise, fold BN, drop dead channels only.")
+@click.option("--cost", type=click.Choice(["measured", "flops"]), default="measured", show_default=True,
+              help="How --merge auto prices a merge: measured (each candidate layer timed on --provider at "
+                   "--batch sizes, cached on disk) or flops (MACs + memory, deterministic).")
 @click.option("--allow-inexact", is_flag=True,
               help="Also merge runs of three or more padded KxK convs without border correction "
                    "(border-inexact; the error is measured and reported).")
@@ -80,7 +83,7 @@ def calib_need(argument: str) -> Need:
 @ui_options
 @user_errors
 def fold(checkpoint: str, load, calib: str | None, input_shape, normalize, channels, output: str | None, merge: str,
-         allow_inexact: bool, approximate: bool, keep_channels: bool, channel_align: int, holdout: float,
+         cost: str, allow_inexact: bool, approximate: bool, keep_channels: bool, channel_align: int, holdout: float,
          limit: int | None, batch_size: int, bench: bool, batches: tuple[int, ...], threads: int, provider: str,
          require_speedup: float | None, repeats: int, pt2: bool, leaf: tuple[str, ...], json_path: str | None,
          force: bool, ui: Ui) -> None:
@@ -104,12 +107,12 @@ def fold(checkpoint: str, load, calib: str | None, input_shape, normalize, chann
         from nepenthe_compress.workflow.fold import FoldSettings
         from nepenthe_compress.workflow.fold import fold as fold_loaded
 
-        if bench:
+        if bench or cost == "measured":
             provider_chain(provider)   # before any work
         ck = load_checkpoint(checkpoint, **load.as_kwargs())
         settings = FoldSettings(FoldOptions(merge, allow_inexact, approximate, not keep_channels, channel_align),
                                 holdout, batch_size, bench, repeats, pt2, leaf, bench_batches=tuple(sorted(set(batches))),
-                                runtime=Runtime(provider, threads), require_speedup=require_speedup)
+                                runtime=Runtime(provider, threads), require_speedup=require_speedup, cost=cost)
         result = fold_loaded(ck, calib, settings, data_overrides=data_overrides(input_shape, normalize, channels),
                              limit=limit, progress=ui.step)
         ui.step(f"writing {outdir}")
@@ -150,6 +153,9 @@ def render(r: FoldReport) -> list[Table | Text]:
     for row in r.latency.rows if r.latency else ():
         if row.model == "folded":
             t.add_row(f"latency batch {row.batch}", f"{row.median_s * 1e3:.3f} ms ({row.speedup:.2f}x vs original)")
+    if r.planner and r.planner.cost == "measured":
+        t.add_row("planner", f"measured: {r.planner.layers_timed} layer(s) timed, "
+                             f"{r.planner.layers_cached} priced from the cache")
     if r.guard:
         t.add_row("speed guard", escape(f"wrote {r.guard.chosen}: {r.guard.reason}"))
     for kind, path in r.outputs.items():

@@ -24,7 +24,9 @@ from nepenthe_compress.entropy import measure_entropy
 from nepenthe_compress.errors import FoldError, UserError
 from nepenthe_compress.export import export_onnx, export_pt2
 from nepenthe_compress.fold.core import FoldedGraph, fold_graph
+from nepenthe_compress.fold.cost import AnalyticCost, CostModel
 from nepenthe_compress.fold.graph import FoldOptions
+from nepenthe_compress.fold.measured import MeasuredCost
 from nepenthe_compress.fold.metrics import count_macs
 from nepenthe_compress.io import OutputSet, check_writable, json_default
 from nepenthe_compress.onnx_depth import onnx_depth, onnx_param_count
@@ -39,10 +41,12 @@ from nepenthe_compress.workflow.report import (
     Equivalence,
     Event,
     FoldReport,
+    Planner,
     SiteCounts,
 )
 from nepenthe_compress.workflow.variants import GuardReport, VariantFigures, decide, variants_to_time
 
+COST_MODELS = ("measured", "flops")
 Progress = Callable[[str], None]   # told each step as it starts ("measuring 4000 samples", ...)
 
 
@@ -65,10 +69,16 @@ class FoldSettings:
     bench_batches: tuple[int, ...] = (1, 32)
     runtime: Runtime = Runtime()    # where the guard times (provider, threads)
     require_speedup: float | None = None   # the written model must be this many times faster (needs bench)
+    cost: str = "measured"          # the planner's cost model: measured on ``runtime`` (cached) or flops
 
     def __post_init__(self) -> None:
         if self.require_speedup is not None and not self.bench:
             raise ValueError("require_speedup needs the speed guard (bench=True)")
+        if self.cost not in COST_MODELS:
+            raise ValueError(f"cost must be one of {', '.join(COST_MODELS)}, not {self.cost!r}")
+
+    def cost_model(self) -> CostModel:
+        return MeasuredCost(self.runtime, self.bench_batches) if self.cost == "measured" else AnalyticCost()
 
 
 @dataclass(frozen=True)
@@ -156,11 +166,12 @@ def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSet
     try:
         folder = Path(workdir.name)
         options = variants_to_time(settings.options) if settings.bench else {"planned": settings.options}
+        cost = settings.cost_model()
         built: dict[str, _Built] = {}
         same_as: dict[str, str] = {}      # a variant whose fold is the same model as an earlier one's
         for i, (name, opts) in enumerate(options.items()):
             progress(f"folding ({name})" if settings.bench else "folding")
-            folded = fold_graph(model, states, example, opts, settings.leaf_modules)
+            folded = fold_graph(model, states, example, opts, settings.leaf_modules, cost)
             twin = next((n for n, b in built.items() if same_model(b.folded.model, folded.model)), None)
             if twin is not None:
                 same_as[name] = twin
@@ -173,6 +184,9 @@ def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSet
             except UserError:   # a fallback that fails a check or cannot be exported is not a candidate
                 if i == 0:
                     raise
+        if isinstance(cost, MeasuredCost):
+            cost.cache.save()
+        planner = Planner.of(cost)
         original_onnx = folder / "original.onnx"
         progress("exporting the original to ONNX")
         export_onnx(trace_model(model, settings.leaf_modules), example, original_onnx)
@@ -210,7 +224,7 @@ def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSet
             params=BeforeAfter(onnx_param_count(original_onnx), onnx_param_count(files["onnx"])),
             macs=BeforeAfter(count_macs(model, example), count_macs(folded.model, example)),
             equivalence=Equivalence(exact, tol if exact else None, tol, noise, result.outcomes),
-            latency=latency, guard=guard, entropy=states,
+            latency=latency, guard=guard, planner=planner, entropy=states,
             checkpoint_notes=list(origin.notes), checkpoint_warnings=list(origin.warnings))
     except BaseException:
         workdir.cleanup()

@@ -196,6 +196,27 @@ class SiteCounts:
                 "linear_in_checkpoint": self.linear_in_checkpoint, "zero_entropy": self.zero_entropy}
 
 
+@dataclass(frozen=True)
+class Planner:
+    """The cost model that priced the merges: ``measured`` (layers timed, or read from the cache at
+    ``cache``) or ``flops`` (analytic: MACs + memory)."""
+
+    cost: str
+    layers_timed: int = 0
+    layers_cached: int = 0
+    cache: str | None = None
+
+    @classmethod
+    def of(cls, cost: Any) -> Planner:
+        cache = getattr(cost, "cache", None)
+        if cache is None:
+            return cls("flops")
+        return cls("measured", cost.measured, cost.looked_up - cost.measured, str(cache.path))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
 class FoldReport:
     checkpoint: str | None           # None for a model given in memory
@@ -213,6 +234,7 @@ class FoldReport:
     latency: LatencyTable | None
     entropy: EntropyReport            # neuron states on the calibration split
     guard: GuardReport | None = None  # the speed guard's measurements and choice (None: not timed)
+    planner: Planner | None = None    # the cost model of the merge decisions
     outputs: dict[str, str] = field(default_factory=dict)   # kind -> path, once saved
     checkpoint_notes: list[str] = field(default_factory=list)     # what loading changed (upcasts, hooks)
     checkpoint_warnings: list[str] = field(default_factory=list)
@@ -233,5 +255,6 @@ class FoldReport:
                 "equivalence": self.equivalence.to_dict(),
                 "latency": None if self.latency is None else self.latency.to_dict(),
                 "guard": None if self.guard is None else self.guard.to_dict(),
+                "planner": None if self.planner is None else self.planner.to_dict(),
                 "outputs": dict(self.outputs), "entropy": self.entropy.to_dict(),
                 "checkpoint_notes": list(self.checkpoint_notes), "checkpoint_warnings": list(self.checkpoint_warnings)}
