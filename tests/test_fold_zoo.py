@@ -63,8 +63,9 @@ class Case:
 
 
 def resnet18() -> Case:
-    """Depth 18 = stem conv + 8 BasicBlocks x 2 convs + fc. layer1.0's inner ReLU is always ON, but
-    conv1 (3x3 pad 1) -> conv2 (3x3 pad 1) is border-inexact, so nothing merges: drop 0.
+    """Depth 18 = stem conv + 8 BasicBlocks x 2 convs + fc. layer1.0's inner ReLU is always ON:
+    conv1 (3x3 pad 1) -> conv2 (3x3 pad 1) merges exactly with a border correction, and the
+    identity joins it: drop 1.
     Dead: 3 channels after layer2.0.conv1 and 1 after layer3.1.conv1 (consumed only by conv2)."""
     torch.manual_seed(0)
     m = torchvision.models.resnet18(weights=None, num_classes=10).eval()
@@ -74,7 +75,7 @@ def resnet18() -> Case:
     calibrate(m, x)
     engineer(m, x, {m.layer1[0].bn1: (ON, None), m.layer2[0].bn1: (DEAD, [0, 1, 2]),
                     m.layer3[1].bn1: (DEAD, [5])})
-    return Case(m, x, {"layer1_0_relu"}, dead=4, depth=18, drop=0)
+    return Case(m, x, {"layer1_0_relu"}, dead=4, depth=18, drop=1)
 
 
 def resnet50() -> Case:
