@@ -202,40 +202,60 @@ def compose_corrected(a: A.ConvSpec, b: A.ConvSpec, in_hw: Pair) -> BorderConvSp
     rings_r = {o: t for o in range(out[0]) if (t := ring_taps(o, kbh, sbh, pbh, dbh, mid[0]))}
     rings_c = {p: t for p in range(out[1]) if (t := ring_taps(p, kbw, sbw, pbw, dbw, mid[1]))}
 
-    def composed(rows: Sequence[int] | None, cols: Sequence[int] | None) -> tuple[Tensor, int]:
+    def composed(rows: Sequence[int] | None, cols: Sequence[int] | None) -> Tensor:
         """A composed with B's taps restricted to ``rows`` x ``cols`` (None: all)."""
         taps = {(i, j) for i in (range(kbh) if rows is None else rows)
                 for j in (range(kbw) if cols is None else cols)}
-        return A.place_products(products, taps, axes), g
+        return A.place_products(products, taps, axes)
 
     h, w = axes
     pieces: list[_Piece] = []
     kah, kaw = a.kernel_size
     for o, taps in rings_r.items():          # edge rows: translation-invariant along the columns
-        weight, g = composed(taps, None)
-        trimmed = _trim(-weight, 2, _reach(taps, h, kah), o * h.stride - h.padding, h.dilation, in_hw[0])
+        trimmed = _trim(-composed(taps, None), 2, _reach(taps, h, kah), o * h.stride - h.padding,
+                        h.dilation, in_hw[0])
         if trimmed is not None:
             k, top, height = trimmed
             pieces.append(_Piece(k, g, (1, w.stride), (0, w.padding), (h.dilation, w.dilation),
                                  Window(top, 0, height, in_hw[1]), (o, 0)))
     for p, taps in rings_c.items():          # edge columns: translation-invariant along the rows
-        weight, g = composed(None, taps)
-        trimmed = _trim(-weight, 3, _reach(taps, w, kaw), p * w.stride - w.padding, w.dilation, in_hw[1])
+        trimmed = _trim(-composed(None, taps), 3, _reach(taps, w, kaw), p * w.stride - w.padding,
+                        w.dilation, in_hw[1])
         if trimmed is not None:
             k, left, width = trimmed
             pieces.append(_Piece(k, g, (h.stride, 1), (h.padding, 0), (h.dilation, w.dilation),
                                  Window(0, left, in_hw[0], width), (0, p)))
     for o, rt in rings_r.items():            # corners: counted twice above, added back once
         for p, ct in rings_c.items():
-            weight, g = composed(rt, ct)
-            t = _trim(weight, 2, _reach(rt, h, kah), o * h.stride - h.padding, h.dilation, in_hw[0])
-            t = None if t is None else (_trim(t[0], 3, _reach(ct, w, kaw), p * w.stride - w.padding,
-                                              w.dilation, in_hw[1]), t)
-            if t is not None and t[0] is not None:
-                (k, left, width), (_, top, height) = t
+            rows = _trim(composed(rt, ct), 2, _reach(rt, h, kah), o * h.stride - h.padding, h.dilation,
+                         in_hw[0])
+            cols = rows and _trim(rows[0], 3, _reach(ct, w, kaw), p * w.stride - w.padding, w.dilation,
+                                  in_hw[1])
+            if cols:
+                (_, top, height), (k, left, width) = rows, cols
                 pieces.append(_Piece(k, g, (1, 1), (0, 0), (h.dilation, w.dilation),
                                      Window(top, left, height, width), (o, p)))
-    return BorderConvSpec(main, _stack(pieces), tuple(in_hw))
+    return BorderConvSpec(drop_dead_taps(main, in_hw), _stack(pieces), tuple(in_hw))
+
+
+def _dead_taps(k: int, s: int, p: int, d: int, n: int) -> int:
+    """How many taps can go from both ends of a kernel along one dim because they read only zero
+    padding at every output position (padding stays >= 0, so the output is unchanged)."""
+    out = A._out_len(n, k, s, p, d)
+    live = [i for i in range(k) if any(0 <= o * s - p + i * d < n for o in range(out))]
+    return min(live[0], k - 1 - live[-1], p // d) if live else 0
+
+
+def drop_dead_taps(conv: A.ConvSpec, in_hw: Pair) -> A.ConvSpec:
+    """``conv`` without the outer taps that read only its zero padding for an ``in_hw`` input (a
+    merged 5x5 on a 2x2 input is a 3x3, on a 1x1 input a 1x1). Exact: those taps multiply zeros."""
+    th, tw = (_dead_taps(*g) for g in zip(conv.kernel_size, conv.stride, conv.padding, conv.dilation, in_hw))
+    if not (th or tw):
+        return conv
+    kh, kw = conv.kernel_size
+    weight = conv.weight[..., th:kh - th, tw:kw - tw]
+    padding = (conv.padding[0] - th * conv.dilation[0], conv.padding[1] - tw * conv.dilation[1])
+    return replace(conv, weight=weight, padding=padding)
 
 
 def _stack(pieces: list[_Piece]) -> tuple[PieceGroup, ...]:

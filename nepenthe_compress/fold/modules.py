@@ -68,7 +68,8 @@ class BorderConv2d(nn.Conv2d):
         self.layout = tuple(replace(g, weight=None) for g in pieces)   # geometry; weights are buffers
         for i, g in enumerate(pieces):
             self.register_buffer(f"piece{i}", g.weight.detach().to(self.weight.dtype).clone())
-        self.register_buffer("bias_map", None if bias_map is None else bias_map.detach().to(self.weight.dtype).clone())
+        self.register_buffer("bias_map", None if bias_map is None
+                             else bias_map.detach().to(self.weight.dtype).clone())
 
     def pieces(self) -> list[tuple[Tensor, PieceGroup]]:
         """(weight, geometry) of every piece group."""

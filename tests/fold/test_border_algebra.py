@@ -257,3 +257,16 @@ def test_unknown_input_size_is_refused() -> None:
     a, b = conv(4, 4, 3, p=1, gen=gen), conv(4, 4, 3, p=1, gen=gen)
     with pytest.raises(NotExact, match="input size is not known"):
         border.compose_corrected(a, b, None)
+
+
+@pytest.mark.parametrize("hw,stride,kernel", [((1, 1), 1, (1, 1)), ((2, 2), 1, (3, 3)), ((2, 2), 2, (3, 3)),
+                                              ((1, 6), 1, (1, 5)), ((9, 9), 1, (5, 5))])
+def test_taps_that_read_only_padding_are_dropped_from_the_merged_conv(hw, stride, kernel) -> None:
+    """On tiny inputs (ResNet's last stages at 32x32) the merged kernel loses the taps that read
+    only zero padding: a 5x5 (pad 2) on 1x1 is a 1x1, on 2x2 a 3x3; stride 2 (7x7 pad 3) on 2x2 a 3x3."""
+    gen = torch.Generator().manual_seed(12)
+    a, b = conv(4, 4, 3, s=stride, p=1, gen=gen), conv(4, 4, 3, p=1, gen=gen)
+    spec = border.compose_corrected(a, b, hw)
+    assert spec.main.kernel_size == kernel
+    x = torch.randn(2, 4, *hw, dtype=D, generator=gen)
+    assert max(errors(original(a, b, x), run(spec, x), regions(a, b, hw)).values()) <= TOL
