@@ -23,8 +23,8 @@ from nepenthe_compress.workflow.report import CheckName, EventAction, Verdict
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = re.compile(r"<!-- api-example[^>]*-->\s*```python\n(.*?)```\s*<!-- /api-example -->", re.S)
 REPORT_KEYS = ["checkpoint", "arch", "options", "calibration", "sites", "events", "channels_dropped",
-               "channels_kept_for_alignment", "depth", "params", "macs", "equivalence", "latency", "outputs",
-               "entropy", "checkpoint_notes", "checkpoint_warnings"]
+               "channels_kept_for_alignment", "depth", "layers_removed", "params", "macs", "equivalence", "latency",
+               "guard", "planner", "certification", "outputs", "entropy", "checkpoint_notes", "checkpoint_warnings"]
 
 
 def readme_example() -> str:
@@ -126,7 +126,7 @@ def test_fold_returns_the_folded_module_and_a_typed_report(folded) -> None:
     assert (r.calibration.samples, r.calibration.heldout) == (24, 6)
     assert r.checkpoint is None and r.latency is None and r.outputs == {}
     assert steps == ["measuring neuron states on 24 samples", "folding", "checking the folded model on 24 + 6 samples",
-                     "exporting ONNX", "checking the ONNX model in onnxruntime"]
+                     "exporting ONNX", "checking the ONNX model in onnxruntime", "exporting the original to ONNX"]
 
 
 def test_report_to_dict_is_the_cli_report(folded) -> None:

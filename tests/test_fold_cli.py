@@ -133,8 +133,9 @@ def test_progress_lines_on_stderr_when_not_a_terminal(default_run) -> None:
     res, folder, _ = default_run
     assert res.stderr.splitlines() == [
         "fold: measuring neuron states on 32 samples...", "fold: folding...",
-        "fold: checking the folded model on 32 + 8 samples...", "fold: exporting ONNX and .pt2...",
-        "fold: checking the ONNX model in onnxruntime...", f"fold: writing {folder}..."]
+        "fold: checking the folded model on 32 + 8 samples...", "fold: exporting ONNX...",
+        "fold: checking the ONNX model in onnxruntime...", "fold: exporting the original to ONNX...",
+        "fold: exporting .pt2...", f"fold: writing {folder}..."]
 
 
 def test_table_shows_the_channels_kept_for_alignment(default_run) -> None:
@@ -415,8 +416,8 @@ def test_force_replaces_every_output_at_once(saved: Saved, tmp_path: Path) -> No
     res = fold(str(ckpt), "--no-bench", "--force", "--json", str(tmp_path / "r.json"), "--verbose")
     assert res.exit_code == 0, res.output
     steps = [re.fullmatch(r"fold: \[(\d+\.\d) s\] (.*)\.\.\.", ln) for ln in res.stderr.splitlines()]
-    assert all(steps) and [m[2] for m in steps][-3:] == ["exporting ONNX and .pt2",
-                                                        "checking the ONNX model in onnxruntime", f"writing {tmp_path}"]
+    assert all(steps) and [m[2] for m in steps][-3:] == ["exporting the original to ONNX", "exporting .pt2",
+                                                        f"writing {tmp_path}"]
     assert sorted(float(m[1]) for m in steps) == [float(m[1]) for m in steps]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*old, ckpt.name])
     assert all((tmp_path / name).read_bytes() != data for name, data in old.items())

@@ -28,7 +28,7 @@ def test_fold_of_the_shipped_checkpoint(name: str, tmp_path: Path) -> None:
     assert len(ck.meta["linearised_sites"]) == linear
 
     result = CliRunner().invoke(main, ["fold", str(MODELS / name), "-o", str(tmp_path), "--limit", "300",
-                                       "--no-bench", "--no-pt2", "--json", str(tmp_path / "out.json")])
+                                       "--no-bench", "--no-pt2", "--cost", "flops", "--json", str(tmp_path / "out.json")])
     assert result.exit_code == 0, result.output
     stem = name.removesuffix(".pt")
     report = json.loads((tmp_path / f"{stem}.report.json").read_text())
