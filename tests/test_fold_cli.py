@@ -106,7 +106,7 @@ def test_engineering_holds_on_the_calibration_split(saved: Saved) -> None:
 @pytest.fixture(scope="module")
 def default_run(saved: Saved, tmp_path_factory) -> tuple[Result, Path, dict]:
     ckpt = copy_to(saved, tmp_path_factory.mktemp("default"))
-    res = fold(str(ckpt), "--no-bench")
+    res = fold(str(ckpt), "--no-bench", "--cost", "flops")   # flops: merge decisions independent of the machine
     report = json.loads((ckpt.parent / f"{STEM}.report.json").read_text()) if res.exit_code == 0 else {}
     return res, ckpt.parent, report
 
@@ -413,7 +413,7 @@ def test_force_replaces_every_output_at_once(saved: Saved, tmp_path: Path) -> No
     old = {name: f"stale {name}\n".encode() for name in [*OUTPUTS, "r.json"]}
     for name, data in old.items():
         (tmp_path / name).write_bytes(data)
-    res = fold(str(ckpt), "--no-bench", "--force", "--json", str(tmp_path / "r.json"), "--verbose")
+    res = fold(str(ckpt), "--no-bench", "--cost", "flops", "--force", "--json", str(tmp_path / "r.json"), "--verbose")
     assert res.exit_code == 0, res.output
     steps = [re.fullmatch(r"fold: \[(\d+\.\d) s\] (.*)\.\.\.", ln) for ln in res.stderr.splitlines()]
     assert all(steps) and [m[2] for m in steps][-3:] == ["exporting the original to ONNX", "exporting .pt2",
