@@ -7,15 +7,18 @@ calibration batch, so every rectifier is mixed except the engineered ones (``cal
 sites with "a quarter plus 3" of their channels dead, which leave misaligned counts (64 -> 45,
 384 -> 285, ...) as real pruning does. See ``MODELS`` for each model's engineering.
 
-Per model, four folds (``fold_graph``): ``none`` (merge none), ``auto`` (the default), ``all``
-(merge all) and ``keep-channels`` (merge auto, no channel drops); each is checked against the
-original (max|diff| / max|ref| on the calibration batch), exported to ONNX, and the original and
-all four are timed in ONE ``compare_latency`` call (interleaved repeats, medians, IQRs). The guard
+Per model, four folds (``fold_graph`` with fold's default cost model, ``--cost measured``: layer
+timings cached on disk like fold's): ``none`` (merge none), ``auto`` (the default), ``all`` (merge
+all) and ``keep-channels`` (merge auto, no channel drops); each is checked against the original
+(max|diff| / max|ref| on the calibration batch, fold's tolerance), exported to ONNX, and the original
+and all four are timed in ONE ``compare_latency`` call (interleaved repeats, medians, IQRs; a
+variant that folds to the same model as an earlier one is timed once, as it). The guard
 (``nepenthe_compress.guard.choose_variant``: planned ``auto``, fallbacks ``keep-channels``, ``none``)
 is applied to those same timings, and a line per model says whether its choice is at least as fast
 as the original and as every other variant, within noise.
 
     python benchmarks/planner.py [--models resnet18,...] [--repeats 15] [--threads 2] [--batches 1,32]
+                                 [--cost measured|flops]
 """
 from __future__ import annotations
 
@@ -38,12 +41,17 @@ from nepenthe_compress.bench import LatencyTable, compare_latency
 from nepenthe_compress.entropy import EntropyReport, measure_entropy
 from nepenthe_compress.export import export_onnx
 from nepenthe_compress.fold.core import FoldedGraph, fold_graph
+from nepenthe_compress.fold.cost import AnalyticCost, CostModel
 from nepenthe_compress.fold.graph import FoldOptions
+from nepenthe_compress.fold.measured import MeasuredCost
 from nepenthe_compress.fold.metrics import count_macs
 from nepenthe_compress.guard import GuardDecision, Timing, choose_variant, slower_beyond_noise
 from nepenthe_compress.onnx_depth import onnx_depth
+from nepenthe_compress.runtime import Runtime
 from nepenthe_compress.trace import trace_model
 from nepenthe_compress.verify import verify_equivalence
+from nepenthe_compress.workflow.checks import EXACT_TOL, NOISE_FACTOR, tolerance
+from nepenthe_compress.workflow.fold import same_model
 
 VARIANTS: dict[str, FoldOptions] = {
     "none": FoldOptions(merge="none"),
@@ -56,7 +64,6 @@ ORIGINAL = "original"
 DEAD = ("dead", 0.25)      # a quarter of the channels plus fold_latency.MISALIGN dead
 ON, LINEAR6 = ("on", 0.0), ("linear6", 0.0)
 CALIBRATION = 32           # samples in the calibration (and equivalence) batch
-TOL = 1e-5
 
 Pins = dict[nn.Module, tuple[str, float]]
 
@@ -82,7 +89,7 @@ def engineer(model: nn.Module, shape: tuple[int, ...], pins: Pins, quiet_norms: 
 
 def resnet18() -> Engineered:
     """3x64x64. Every block's inner site: a quarter + 3 dead (64 -> 45 ... 512 -> 381), except three
-    always ON (their 3x3 -> 3x3 merges are border-inexact: linearised only)."""
+    always ON (linear 3x3 -> 3x3 chains: one 5x5 conv would cost more)."""
     torch.manual_seed(0)
     m = torchvision.models.resnet18(num_classes=10)
     blocks = [*m.layer1, *m.layer2, *m.layer3, *m.layer4]
@@ -116,8 +123,9 @@ def mobilenet_v2() -> Engineered:
 
 def mobilenet_v3_large() -> Engineered:
     """3x64x64, ReLU sites only (Hardswish sites stay). Block 3 fully linear (24 -> 72 -> 24 with
-    residual); a quarter + 3 dead: block 1's depthwise (16 -> 9), block 2's expansion (64 -> 45),
-    block 5's expansion (120 -> 87, feeding a squeeze-excitation block)."""
+    residual); a quarter + 3 dead: block 1's depthwise (16 -> 9: 8-alignment keeps all 16), block
+    2's expansion (64 -> 45, 48 kept), block 5's expansion (120 -> 87; kept: through the depthwise
+    conv they reach a squeeze-excitation's pooling and product, not only conv layers)."""
     torch.manual_seed(0)
     m = torchvision.models.mobilenet_v3_large(num_classes=10)
     f = m.features
@@ -193,52 +201,72 @@ def timings(table: LatencyTable, model: str) -> dict[int, Timing]:
     return {r.batch: Timing(r.median_s, r.iqr_s) for r in table.rows if r.model == model}
 
 
-def guard(table: LatencyTable) -> GuardDecision:
+def guard(times: dict[str, dict[int, Timing]]) -> GuardDecision:
     """The guard's choice on measured timings: ``PLANNED`` unless slower, else a fallback."""
-    return choose_variant(timings(table, ORIGINAL), {v: timings(table, v) for v in (PLANNED, *FALLBACKS)}, PLANNED)
+    return choose_variant(times[ORIGINAL], {v: times[v] for v in (PLANNED, *FALLBACKS)}, PLANNED)
 
 
 @dataclass
 class Result:
     name: str
-    table: LatencyTable
+    times: dict[str, dict[int, Timing]]   # model -> batch -> median, IQR (a twin has its twin's)
+    twins: dict[str, str]         # variant -> earlier variant whose fold is the same model (timed once, as it)
     macs: dict[str, float]        # variant -> original MACs / variant MACs
     depth: dict[str, int]         # model -> weighted layers on the longest ONNX path
     max_rel: dict[str, float]     # variant -> max|diff| / max|ref| vs the original
+    tol: float                    # fold's tolerance for max_rel
     decision: GuardDecision
     notes: list[str]
 
     def timing(self, model: str, batch: int) -> Timing:
-        return timings(self.table, model)[batch]
+        return self.times[model][batch]
 
     @property
     def batches(self) -> list[int]:
-        return sorted({r.batch for r in self.table.rows})
+        return sorted(self.times[ORIGINAL])
+
+    def ratio(self, model: str, batch: int) -> float:
+        return self.timing(ORIGINAL, batch).median_s / self.timing(model, batch).median_s
 
 
-def fold_variants(e: Engineered, report: EntropyReport) -> dict[str, FoldedGraph]:
-    return {name: fold_graph(e.model, report, e.x[:2], options) for name, options in VARIANTS.items()}
+def fold_variants(e: Engineered, report: EntropyReport, cost: CostModel) -> dict[str, FoldedGraph]:
+    return {name: fold_graph(e.model, report, e.x[:2], options, cost=cost) for name, options in VARIANTS.items()}
 
 
-def run_model(name: str, tmp: Path, batches: tuple[int, ...], threads: int, repeats: int) -> Result:
+def twins_of(folds: dict[str, FoldedGraph]) -> dict[str, str]:
+    """Variant -> the first earlier variant whose fold is the same model (``same_model``, as fold)."""
+    names, twins = list(folds), {}
+    for i, v in enumerate(names):
+        twin = next((t for t in names[:i] if t not in twins and same_model(folds[t].model, folds[v].model)), None)
+        if twin is not None:
+            twins[v] = twin
+    return twins
+
+
+def run_model(name: str, tmp: Path, batches: tuple[int, ...], threads: int, repeats: int,
+              cost: CostModel) -> Result:
     """Engineer, fold every variant, check, export and time ``name``; apply the guard."""
     e = MODELS[name]()
     report = measure_entropy(e.model, [e.x])
     notes = [f"{name}: {engineering_summary(e, report)}"]
-    folds = fold_variants(e, report)
+    folds = fold_variants(e, report, cost)
+    twins = twins_of(folds)
     example = e.x[:2]
     base_macs = count_macs(e.model, example)
     macs = {v: base_macs / count_macs(f.model, example) for v, f in folds.items()}
     max_rel = {v: verify_equivalence(e.model, f.model, [e.x]).max_rel for v, f in folds.items()}
-    models = {ORIGINAL: trace_model(e.model)} | {v: f.model for v, f in folds.items()}
+    tol, noise = tolerance(e.model, e.x)
+    notes.append(f"  equivalence tolerance {tol:.1e} (the original's own float32 error {noise:.1e})")
+    models = {ORIGINAL: trace_model(e.model)} | {v: f.model for v, f in folds.items() if v not in twins}
     paths = {m: export_onnx(model, example, tmp / f"{name}.{m}.onnx", exporter=e.exporter)
              for m, model in models.items()}
-    depth = {m: onnx_depth(p) for m, p in paths.items()}
+    depth = {m: onnx_depth(paths[twins.get(m, m)]) for m in (ORIGINAL, *folds)}
     notes += [f"  {v:13} sites linearised {len(f.linearised)}/{f.sites_total}, merges {f.count('merge')}, "
               f"channels dropped {f.channels_dropped} (+{f.channels_kept_for_alignment} kept for alignment)"
-              for v, f in folds.items()]
+              + (f"; the same model as {twins[v]}" if v in twins else "") for v, f in folds.items()]
     table = compare_latency(paths, tuple(e.x.shape[1:]), batches=batches, threads=threads, repeats=repeats)
-    return Result(name, table, macs, depth, max_rel, guard(table), notes)
+    times = {m: timings(table, twins.get(m, m)) for m in (ORIGINAL, *folds)}
+    return Result(name, times, twins, macs, depth, max_rel, tol, guard(times), notes)
 
 
 def verdict(r: Result) -> str:
@@ -247,15 +275,14 @@ def verdict(r: Result) -> str:
     chosen = r.decision.chosen
     if chosen is None:
         return f"FAIL {r.name}: the guard chose nothing ({r.decision.reason})"
-    ratios = " ".join(f"b{b} {r.decision.speedups[chosen][b]:.2f}x" for b in r.batches)
+    ratios = " ".join(f"b{b} {r.ratio(chosen, b):.2f}x" for b in r.batches)
+    others = [m for m in (ORIGINAL, *VARIANTS) if m != chosen]   # a twin has the same timings: never slower
     problems = [f"slower than {other} at batch {b} ({r.timing(chosen, b).median_s * 1e3:.3g} vs "
                 f"{r.timing(other, b).median_s * 1e3:.3g} ms)"
-                for other in (ORIGINAL, *VARIANTS) if other != chosen for b in r.batches
-                if slower_beyond_noise(r.timing(chosen, b), r.timing(other, b))]
-    strict = all(r.decision.speedups[chosen][b] >= 1.0 for b in r.batches)
+                for other in others for b in r.batches if slower_beyond_noise(r.timing(chosen, b), r.timing(other, b))]
+    strict = all(r.ratio(chosen, b) >= 1.0 for b in r.batches)
     tail = "; ".join(problems) if problems else (
-        "not slower than the original or any variant beyond noise" + ("" if strict else
-                                                                       " (below 1.00x within noise)"))
+        "not slower than the original or any variant beyond noise" + ("" if strict else " (below 1.00x within noise)"))
     return f"{'FAIL' if problems else 'PASS'} {r.name}: guard -> {chosen} ({ratios} vs original): {tail}"
 
 
@@ -263,14 +290,14 @@ def rows(r: Result) -> list[list[str]]:
     def cells(model: str, label: str) -> list[str]:
         out = [r.name, label, f"{r.macs[model]:.2f}x" if model in r.macs else "",
                f"{r.depth[ORIGINAL]} -> {r.depth[model]}" if model != ORIGINAL else str(r.depth[model]),
-               f"{r.max_rel[model]:.1e}" + ("" if r.max_rel[model] <= TOL else " !") if model in r.max_rel else ""]
+               f"{r.max_rel[model]:.1e}" + ("" if r.max_rel[model] <= r.tol else " !") if model in r.max_rel else ""]
         for b in r.batches:
             t = r.timing(model, b)
-            out += [f"{t.median_s * 1e3:.3g} ({t.iqr_s * 1e3:.2g})", f"{r.table.median(ORIGINAL, b) / t.median_s:.2f}x"]
+            out += [f"{t.median_s * 1e3:.3g} ({t.iqr_s * 1e3:.2g})", f"{r.ratio(model, b):.2f}x"]
         return out
 
     chosen = r.decision.chosen
-    lines = [cells(m, m) for m in (ORIGINAL, *VARIANTS)]
+    lines = [cells(m, m + (f" (= {r.twins[m]})" if m in r.twins else "")) for m in (ORIGINAL, *VARIANTS)]
     return lines + [cells(chosen, f"guarded: {chosen}") if chosen else
                     [r.name, "guarded: none", *[""] * (3 + 2 * len(r.batches))]]
 
@@ -287,6 +314,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--cost", choices=("measured", "flops"), default="measured",
+                    help="the merge planner's cost model (fold's --cost; measured layer timings are cached)")
     args = ap.parse_args()
     names = args.models.split(",")
     unknown = [n for n in names if n not in MODELS]
@@ -295,16 +324,22 @@ def main() -> None:
     batches = tuple(int(b) for b in args.batches.split(","))
     torch.set_num_threads(args.threads)
     start, load = time.perf_counter(), os.getloadavg()[0]
+    cost = MeasuredCost(Runtime(threads=args.threads), batches) if args.cost == "measured" else AnalyticCost()
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run_model(n, Path(tmp), batches, args.threads, args.repeats) for n in names]
+        results = [run_model(n, Path(tmp), batches, args.threads, args.repeats, cost) for n in names]
+    if isinstance(cost, MeasuredCost):
+        cost.cache.save()
     print(f"onnxruntime {ort.__version__} CPUExecutionProvider, torch {torch.__version__}, "
           f"{args.threads} threads, machine: {os.cpu_count()} CPUs ({platform.machine()}), "
-          f"load average {load:.2f} at start")
+          f"load average {load:.2f} at start; planner cost model: {args.cost}"
+          + (f" ({cost.measured} of {cost.looked_up} layer costs measured, the rest cached)"
+             if isinstance(cost, MeasuredCost) else ""))
     print(f"ms = median of {args.repeats} interleaved repeats (all variants of a model in every repeat), "
           f"IQR in brackets; ratio = original median / variant median (> 1: faster); MACs = original / "
           f"variant; depth = weighted layers on the longest ONNX path; max rel err = max|diff|/max|ref| "
-          f"vs the original on the calibration batch (! above {TOL:g}); guarded = choose_variant(planned "
-          f"{PLANNED}, fallbacks {', '.join(FALLBACKS)}) on the same timings")
+          f"vs the original on the calibration batch (! above fold's tolerance: {EXACT_TOL:g} or {NOISE_FACTOR}x the "
+          f"original's own float32 error); (= v): the same model as v, timed once; guarded = choose_variant("
+          f"planned {PLANNED}, fallbacks {', '.join(FALLBACKS)}) on the same timings")
     header = ["model", "variant", "MACs", "depth", "max rel err"]
     for b in batches:
         header += [f"b{b} ms (IQR)", f"b{b} ratio"]

@@ -9,8 +9,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import planner  # noqa: E402
 from fold_latency import MISALIGN  # noqa: E402
 
-from nepenthe_compress.bench import LatencyRow, LatencyTable  # noqa: E402
 from nepenthe_compress.entropy import measure_entropy  # noqa: E402
+from nepenthe_compress.guard import Timing  # noqa: E402
 
 
 def test_vit_engineering_pins_measured_states() -> None:
@@ -31,9 +31,8 @@ def test_vit_engineering_pins_measured_states() -> None:
 
 
 def _result(ms: dict[str, float], iqr: float = 0.1) -> planner.Result:
-    rows = [LatencyRow(m, b, t * b / 1e3, iqr * b / 1e3, ms["original"] / t) for m, t in ms.items() for b in (1, 32)]
-    table = LatencyTable("original", (3, 8, 8), 2, 5, rows)
-    return planner.Result("toy", table, {}, {}, {}, planner.guard(table), [])
+    times = {m: {b: Timing(t * b / 1e3, iqr * b / 1e3) for b in (1, 32)} for m, t in ms.items()}
+    return planner.Result("toy", times, {}, {}, {}, {}, 1e-5, planner.guard(times), [])
 
 
 def test_guard_falls_back_and_verdict_compares_with_every_variant() -> None:
