@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from nepenthe_compress.certify import DEFAULT_MARGIN
 from nepenthe_compress.checkpoint import LoadedCheckpoint
 from nepenthe_compress.checkpoint import load_checkpoint as _load
 from nepenthe_compress.data import Samples, iter_batches, resolve_inputs
@@ -75,6 +76,7 @@ def fold(model: Model, calib: Samples | None = None, merge: str = "auto", *, all
          pt2: bool = True, leaf_modules: tuple[str, ...] = (), input_shape: tuple[int, ...] | None = None,
          normalize: dict | None = None, channels: int | None = None, bench_batches: tuple[int, ...] = (1, 32),
          provider: str = "cpu", threads: int = 2, require_speedup: float | None = None, cost: str = "measured",
+         margin: float = DEFAULT_MARGIN, max_flip_rate: float = 0.0, holdout_tolerance: float | None = None,
          progress: Callable[[str], None] | None = None) -> FoldResult:
     """Fold ``model`` on ``calib`` as ``nepenthe-compress fold`` does, without writing anything.
 
@@ -87,12 +89,15 @@ def fold(model: Model, calib: Samples | None = None, merge: str = "auto", *, all
     (``provider``, ``threads``, at ``bench_batches``) and the fastest one not slower is kept
     (``.report.guard``); ``FoldError`` when none is, or none is ``require_speedup`` times faster.
     ``cost``: how ``merge="auto"`` prices merges, ``measured`` on ``provider`` (cached on disk) or ``flops``.
+    ``margin`` / ``max_flip_rate`` / ``holdout_tolerance``: which recorded states the fold relies on and
+    how the held-out split is held (``.report.certification``; ``FoldError`` when it differs there).
     ``progress`` is called with each step's name as it starts.
     """
     if merge not in MERGE_MODES:
         raise ValueError(f"merge must be one of {', '.join(MERGE_MODES)}, not {merge!r}")
     settings = FoldSettings(FoldOptions(merge, allow_inexact, approximate, drop_channels, channel_align), holdout,
                             batch_size, bench, bench_repeats, pt2, tuple(leaf_modules), bench_batches=tuple(bench_batches),
-                            runtime=Runtime(provider, threads), require_speedup=require_speedup, cost=cost)
+                            runtime=Runtime(provider, threads), require_speedup=require_speedup, cost=cost,
+                            margin=margin, max_flip_rate=max_flip_rate, holdout_tolerance=holdout_tolerance)
     return workflow.fold(_loaded(model), calib, settings, data_overrides=_overrides(input_shape, normalize, channels),
                          limit=limit, progress=progress or (lambda step: None))

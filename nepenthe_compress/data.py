@@ -15,7 +15,7 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Union
@@ -110,6 +110,7 @@ class Dataset:
     x: Tensor
     y: Tensor | None  # int64 (N,) or None
     spec: str         # the source string it came from
+    part: str = "all samples"   # which of the source's samples (e.g. those a checkpoint did not train on)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -632,6 +633,37 @@ def split(ds: Dataset, holdout: float, seed: int = 0) -> tuple[Dataset, Dataset]
         return Dataset(ds.x[idx], None if ds.y is None else ds.y[idx], ds.spec)
 
     return part(calib), part(hold)
+
+
+def training_split(meta: Mapping) -> tuple[int, int, int] | None:
+    """(train_samples, holdout_samples, seed) of the split ``prune`` made of a checkpoint's data (its
+    checkpoints record them in their metadata), or None when they are not recorded as integers."""
+    values = [meta.get(k) for k in ("train_samples", "holdout_samples", "seed")]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return None
+    train, hold, seed = values
+    return (train, hold, seed) if train > 0 and hold > 0 and 0 <= seed < 2**63 else None
+
+
+def untrained_part(ds: Dataset, meta: Mapping, limit: int | None = None) -> Dataset:
+    """The samples of ``ds`` (a checkpoint's own data) that the checkpoint did not train on: prune's
+    held-out split, rebuilt from the recorded sizes and seed; all of ``ds`` (and ``part`` says why)
+    when the sizes do not add up to ``len(ds)``. ``limit`` then keeps a fixed random subset."""
+    recorded = training_split(meta)
+    if recorded is not None and recorded[0] + recorded[1] == len(ds):
+        train, hold, seed = recorded
+        _, unseen = split(ds, hold / len(ds), seed)
+        part = Dataset(unseen.x, unseen.y, ds.spec,
+                       f"the {hold} samples the checkpoint did not train on (prune's held-out split, seed {seed})")
+    else:
+        total = "?" if recorded is None else recorded[0] + recorded[1]
+        part = replace(ds, part=f"all {len(ds)} samples (the checkpoint trained on a split of {total} samples)")
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be >= 1, got {limit}")
+    if limit is None or limit >= len(part):
+        return part
+    keep = torch.from_numpy(_pick(len(part), limit))
+    return Dataset(part.x[keep], None if part.y is None else part.y[keep], part.spec, f"{limit} of {part.part}")
 
 
 RANDOM_INPUTS = "random N(0,1)"   # the spec of seeded random inputs

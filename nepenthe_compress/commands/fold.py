@@ -30,6 +30,7 @@ from nepenthe_compress.io import check_writable
 from nepenthe_compress.signature import MAX_THREADS
 
 if TYPE_CHECKING:
+    from nepenthe_compress.certify import Certification
     from nepenthe_compress.workflow.report import FoldReport
 
 
@@ -62,6 +63,15 @@ def calib_need(argument: str) -> Need:
                    "need input channels in multiples of 4); 1 drops every constant channel.")
 @click.option("--holdout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, show_default=True,
               help="Fraction of the data held out to check that the recorded states generalise.")
+@click.option("--margin", type=click.FloatRange(min=0), default=None, metavar="K",
+              help="Rely on a neuron's recorded state only when its extreme pre-activation clears the state's "
+                   "boundary by K times that neuron's std (default 0.5); neurons inside it stay non-linear.")
+@click.option("--max-flip-rate", type=click.FloatRange(0, 1), default=0.0, metavar="R",
+              help="Neurons relied on that flip on the held-out split are excluded from the fold, unless they "
+                   "are at most this fraction of them (then they are kept and the held-out error decides).")
+@click.option("--holdout-tolerance", type=click.FloatRange(min=0), default=None, metavar="T",
+              help="Largest accepted held-out max|diff| / max|ref| (default: the calibration tolerance; with "
+                   "--allow-inexact / --approximate, only measured).")
 @limit_option
 @batch_option
 @click.option("--bench/--no-bench", default=True, show_default=True,
@@ -84,7 +94,7 @@ def calib_need(argument: str) -> Need:
 @user_errors
 def fold(checkpoint: str, load, calib: str | None, input_shape, normalize, channels, output: str | None, merge: str,
          cost: str, allow_inexact: bool, approximate: bool, keep_channels: bool, channel_align: int, holdout: float,
-         limit: int | None, batch_size: int, bench: bool, batches: tuple[int, ...], threads: int, provider: str,
+         margin: float | None, max_flip_rate: float, holdout_tolerance: float | None, limit: int | None, batch_size: int, bench: bool, batches: tuple[int, ...], threads: int, provider: str,
          require_speedup: float | None, repeats: int, pt2: bool, leaf: tuple[str, ...], json_path: str | None,
          force: bool, ui: Ui) -> None:
     """Fold a pruned CHECKPOINT into a shallower ONNX model and prove it equivalent.
@@ -112,7 +122,9 @@ def fold(checkpoint: str, load, calib: str | None, input_shape, normalize, chann
         ck = load_checkpoint(checkpoint, **load.as_kwargs())
         settings = FoldSettings(FoldOptions(merge, allow_inexact, approximate, not keep_channels, channel_align),
                                 holdout, batch_size, bench, repeats, pt2, leaf, bench_batches=tuple(sorted(set(batches))),
-                                runtime=Runtime(provider, threads), require_speedup=require_speedup, cost=cost)
+                                runtime=Runtime(provider, threads), require_speedup=require_speedup, cost=cost,
+                                max_flip_rate=max_flip_rate, holdout_tolerance=holdout_tolerance,
+                                **({} if margin is None else {"margin": margin}))
         result = fold_loaded(ck, calib, settings, data_overrides=data_overrides(input_shape, normalize, channels),
                              limit=limit, progress=ui.step)
         ui.step(f"writing {outdir}")
@@ -144,10 +156,13 @@ def render(r: FoldReport) -> list[Table | Text]:
     t.add_row("parameters", f"{r.params.before:,} -> {r.params.after:,}")
     t.add_row("MACs / sample", f"{r.macs.before:,} -> {r.macs.after:,}")
     c, h = eq.calibration, eq.heldout
+    t.add_row("data", escape(f"{r.calibration.source}: {r.calibration.part}"))
     t.add_row("calibration", f"max rel err {c.max_rel:.2e} ({_held_to(eq.tolerance)}), "
               f"top-1 agreement {_pct(c.top1_agreement)} ({c.samples} samples)")
-    t.add_row("held-out", f"max rel err {h.max_rel:.2e}, top-1 agreement {_pct(h.top1_agreement)}, "
-              f"state flips {eq.heldout_state_flips.fraction:.2%}")
+    t.add_row("held-out", f"max rel err {h.max_rel:.2e} ({_held_to(h.tol)}), top-1 agreement "
+              f"{_pct(h.top1_agreement)} ({h.samples} samples), state flips {eq.heldout_state_flips.fraction:.2%}")
+    if r.certification:
+        t.add_row("certified states", certified_line(r.certification))
     t.add_row("onnxruntime vs torch", ", ".join(f"batch {o.batch}: {o.max_rel:.2e}" for o in eq.onnx_vs_torch)
               + f" (tolerance {eq.onnx_tolerance:.2g})")
     for row in r.latency.rows if r.latency else ():
@@ -165,7 +180,41 @@ def render(r: FoldReport) -> list[Table | Text]:
              for e in r.events if e.action in shown]
     lines += [Text.from_markup(f"  [yellow]skip     [/] {escape(e.where)}: {escape(e.detail)}")
               for e in r.events if e.action is EventAction.SKIP]
-    return [t, *([guard_table(r)] if r.guard else []), *lines]
+    return [t, *([guard_table(r)] if r.guard else []), *evidence(r), *lines]
+
+
+def certified_line(c: Certification) -> str:
+    """The headline: what the fold relies on and the whole-model bound."""
+    flips = (f"{c.flipped} flipped on held-out data " + ("(excluded)" if c.excluded else "(kept: --max-flip-rate)")
+             if c.flipped else "none flipped on held-out data")
+    bound = (f"P(a new input flips a relied-on state) < {c.input_bound:.2g} (95%, no flip in {c.samples} inputs)"
+             if c.input_bound is not None else "no bound: flipped neurons kept")
+    return (f"{c.relied - (c.flipped if c.excluded else 0)} neurons relied on (margin {c.margin:g} std; "
+            f"{c.inside_margin} inside it), {flips}; {bound}")
+
+
+def evidence(r: FoldReport) -> list[Table]:
+    """The evidence table, when the fold relies on a recorded state or one flipped."""
+    c = r.certification
+    return [evidence_table(r)] if c is not None and any(s.relied or s.flipped for s in c.sites) else []
+
+
+def evidence_table(r: FoldReport) -> Table:
+    """Per site the fold relies on: neurons, observations, smallest margin, per-element flip bound."""
+    c = r.certification
+    assert c is not None
+    linearised = set(r.sites.linearised_by_fold)
+    t = Table(title="evidence per site (flip bound: 95% upper bound on the per-element flip probability, "
+                    "given no flip in n observations)", title_justify="left")
+    for col in ("site", "linearised", "neurons relied on", "n (samples x positions)", "min margin (std)",
+                "inside margin", "flipped (held-out)", "flip bound"):
+        t.add_column(col, justify="left" if col == "site" else "right")
+    for s in c.sites:
+        if s.relied or s.flipped:
+            margin = "inf" if s.min_margin == float("inf") else f"{s.min_margin:.2f}"
+            t.add_row(escape(s.target), "yes" if s.name in linearised else "", str(s.relied), f"{s.observations:,}",
+                      margin, str(s.inside_margin), str(s.flipped), f"{s.flip_bound:.2g}")
+    return t
 
 
 def guard_table(r: FoldReport) -> Table:

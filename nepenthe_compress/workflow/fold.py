@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from nepenthe_compress.bench import LatencyTable, compare_latency
+from nepenthe_compress.certify import DEFAULT_MARGIN, certify
 from nepenthe_compress.checkpoint import LoadedCheckpoint
-from nepenthe_compress.data import Dataset, Samples, iter_batches, resolve_inputs, split
+from nepenthe_compress.data import Dataset, Samples, iter_batches, resolve_inputs, split, training_split, untrained_part
 from nepenthe_compress.entropy import measure_entropy
 from nepenthe_compress.errors import FoldError, UserError
 from nepenthe_compress.export import export_onnx, export_pt2
@@ -70,8 +71,13 @@ class FoldSettings:
     runtime: Runtime = Runtime()    # where the guard times (provider, threads)
     require_speedup: float | None = None   # the written model must be this many times faster (needs bench)
     cost: str = "measured"          # the planner's cost model: measured on ``runtime`` (cached) or flops
+    margin: float = DEFAULT_MARGIN  # a state is relied on only if it clears its boundary by this many stds
+    max_flip_rate: float = 0.0      # held-out flips kept in the plan when at most this share of the relied-on neurons
+    holdout_tolerance: float | None = None   # held-out max rel error allowed (None: the calibration tolerance)
 
     def __post_init__(self) -> None:
+        if self.margin < 0 or not 0 <= self.max_flip_rate <= 1 or (self.holdout_tolerance or 0) < 0:
+            raise ValueError("margin and holdout_tolerance must be >= 0 and max_flip_rate in [0, 1]")
         if self.require_speedup is not None and not self.bench:
             raise ValueError("require_speedup needs the speed guard (bench=True)")
         if self.cost not in COST_MODELS:
@@ -134,8 +140,11 @@ def fold(source: nn.Module | LoadedCheckpoint, calib: Samples | None = None, set
         model, meta, origin = source.model, source.meta, Provenance.of(source)
     else:
         model, meta, origin = source, {}, Provenance()
+    recorded = calib is None and training_split(meta) is not None
     data = resolve_inputs(calib, {**meta, **(data_overrides or {})}, where=origin.checkpoint or "the model",
-                          limit=limit, models=[model])
+                          limit=None if recorded else limit, models=[model])
+    if recorded:
+        data = untrained_part(data, meta, limit)
     return fold_model(model, data, settings, origin, progress)
 
 
@@ -158,10 +167,15 @@ def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSet
     progress(f"measuring neuron states on {len(calib)} samples")
     states = measure_entropy(model, list(iter_batches(calib.x, settings.batch_size)),
                              leaf_modules=settings.leaf_modules)
+    held_states = measure_entropy(model, list(iter_batches(held.x, settings.batch_size)),
+                                  leaf_modules=settings.leaf_modules)
+    cert = certify(states, held_states, settings.margin, settings.max_flip_rate)
     example = calib.x[:2]
     tol, noise = tolerance(model, calib.x)
     exact = not (settings.options.allow_inexact or settings.options.approximate)
-    ctx = CheckContext(model, model, calib.x, held.x, states, exact, tol, settings.batch_size, settings.leaf_modules)
+    ctx = CheckContext(model, model, calib.x, held.x, cert.states, exact, tol, settings.batch_size, settings.leaf_modules,
+                       heldout_states=held_states, certification=cert,
+                       heldout_tolerance=tol if settings.holdout_tolerance is None and exact else settings.holdout_tolerance)
     workdir = tempfile.TemporaryDirectory(prefix="nepenthe-fold-")
     try:
         folder = Path(workdir.name)
@@ -171,7 +185,7 @@ def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSet
         same_as: dict[str, str] = {}      # a variant whose fold is the same model as an earlier one's
         for i, (name, opts) in enumerate(options.items()):
             progress(f"folding ({name})" if settings.bench else "folding")
-            folded = fold_graph(model, states, example, opts, settings.leaf_modules, cost)
+            folded = fold_graph(model, cert.states, example, opts, settings.leaf_modules, cost)
             twin = next((n for n, b in built.items() if same_model(b.folded.model, folded.model)), None)
             if twin is not None:
                 same_as[name] = twin
@@ -214,7 +228,7 @@ def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSet
         folded = result.folded
         report = FoldReport(
             checkpoint=origin.checkpoint, arch=origin.arch, options=options[chosen],
-            calibration=CalibrationData(data.spec, len(calib), len(held), list(calib.x.shape[1:])),
+            calibration=CalibrationData(data.spec, len(calib), len(held), list(calib.x.shape[1:]), data.part),
             sites=SiteCounts(folded.sites_total + len(origin.linear_in_checkpoint), list(folded.linearised),
                              list(origin.linear_in_checkpoint), len(states.zero_entropy_sites)),
             events=[Event.of(e) for e in folded.events],
@@ -224,7 +238,7 @@ def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSet
             params=BeforeAfter(onnx_param_count(original_onnx), onnx_param_count(files["onnx"])),
             macs=BeforeAfter(count_macs(model, example), count_macs(folded.model, example)),
             equivalence=Equivalence(exact, tol if exact else None, tol, noise, result.outcomes),
-            latency=latency, guard=guard, planner=planner, entropy=states,
+            latency=latency, guard=guard, planner=planner, entropy=states, certification=cert,
             checkpoint_notes=list(origin.notes), checkpoint_warnings=list(origin.warnings))
     except BaseException:
         workdir.cleanup()

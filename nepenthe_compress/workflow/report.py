@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 if TYPE_CHECKING:
     from nepenthe_compress.bench import LatencyTable
+    from nepenthe_compress.certify import Certification
     from nepenthe_compress.entropy import EntropyReport
     from nepenthe_compress.fold.graph import FoldOptions
     from nepenthe_compress.verify import VerifyResult
@@ -175,6 +176,7 @@ class CalibrationData:
     samples: int             # calibration split
     heldout: int             # held-out split
     input_shape: list[int]   # one sample
+    part: str = "all samples"   # which samples of the source (e.g. those the checkpoint did not train on)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -235,6 +237,7 @@ class FoldReport:
     entropy: EntropyReport            # neuron states on the calibration split
     guard: GuardReport | None = None  # the speed guard's measurements and choice (None: not timed)
     planner: Planner | None = None    # the cost model of the merge decisions
+    certification: Certification | None = None   # the states relied on: margins, held-out flips, bounds
     outputs: dict[str, str] = field(default_factory=dict)   # kind -> path, once saved
     checkpoint_notes: list[str] = field(default_factory=list)     # what loading changed (upcasts, hooks)
     checkpoint_warnings: list[str] = field(default_factory=list)
@@ -256,5 +259,6 @@ class FoldReport:
                 "latency": None if self.latency is None else self.latency.to_dict(),
                 "guard": None if self.guard is None else self.guard.to_dict(),
                 "planner": None if self.planner is None else self.planner.to_dict(),
+                "certification": None if self.certification is None else self.certification.to_dict(),
                 "outputs": dict(self.outputs), "entropy": self.entropy.to_dict(),
                 "checkpoint_notes": list(self.checkpoint_notes), "checkpoint_warnings": list(self.checkpoint_warnings)}
