@@ -13,16 +13,23 @@
   three", ``flip_bound``); per site with n = samples x positions, for the whole model with n = the
   input samples on which every relied-on state held.
 
-Pure functions of ``EntropyReport`` / ``SiteStats`` (numpy only).
+- **New data.** ``check_relied`` compares the states a fold relied on (its report's
+  ``certification.sites[*].states``) with those measured on any data, per site: neurons and
+  elements that flipped, and the largest error the linear maps make there (``relied_error``).
+
+Pure functions of ``EntropyReport`` / ``SiteStats`` and the activation registry (numpy).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from nepenthe_compress.entropy import EntropyReport, SiteStats
+from nepenthe_compress.errors import UserError
+from nepenthe_compress.sites import ActivationKind, Site
 
 CONFIDENCE = 0.95
 # Default --margin, in stds of the neuron's own pre-activation. Measured (benchmarks/certify.py): on
@@ -188,3 +195,91 @@ def certify(calib: EntropyReport, held: EntropyReport, margin: float = DEFAULT_M
                                      0 if excluded else f, tuple(int(v) for v in after.neuron_state)))
     return Certification(replace(calib, sites=plan), margin, max_flip_rate, evidence,
                          calib.samples + held.samples, relied, total_flips, excluded)
+
+
+# ---- checking relied-on states on new data (``verify``) ----------------------------------------------
+
+def relied_error(kind: ActivationKind, params: dict, states: np.ndarray, low: np.ndarray,
+                 high: np.ndarray) -> np.ndarray:
+    """Per neuron relied on in state ``states[i]`` (-1: not relied on, error 0): the largest
+    |act(z) - (a z + c)| over z in [low, high], the error the linear map of that state makes at the
+    site on data whose pre-activation spans that range. The difference is piecewise linear in z, so
+    its maximum lies at low, high or a state boundary between them."""
+    n = len(states)
+    maps = [tuple(t.numpy() for t in kind.affine(params, s, n)) for s in range(len(kind.states))]
+    bounds = kind.thresholds(params)
+    points = [low, high, *(np.clip(np.full(n, t), low, high) for t in bounds)]
+    err = np.zeros(n)
+    relied = states >= 0
+    mine = np.where(relied, states, 0)
+    a = np.choose(mine, [m[0] for m in maps])
+    c = np.choose(mine, [m[1] for m in maps])
+    for z in points:
+        s = (z > bounds[0]).astype(int) if len(bounds) == 1 else np.where(z <= bounds[0], 0, np.where(z >= bounds[1], 2, 1))
+        act = np.choose(s, [m[0] for m in maps]) * z + np.choose(s, [m[1] for m in maps])
+        err = np.maximum(err, np.abs(act - (a * z + c)))
+    return np.where(relied, err, 0.0)
+
+
+@dataclass(frozen=True)
+class SiteCheck:
+    """The states a fold relied on at one site, checked on new data."""
+
+    name: str
+    target: str
+    relied: int                # neurons relied on
+    observations: int          # elements per neuron in the new data (samples x positions)
+    flipped: int               # relied-on neurons seen in another state
+    flipped_elements: int      # (neuron, element) pairs in another state
+    max_abs_error: float       # largest |activation - its linear map| at the site on the data
+
+    @property
+    def element_flip_rate(self) -> float:
+        return self.flipped_elements / (self.relied * self.observations) if self.relied and self.observations else 0.0
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "target": self.target, "neurons_relied_on": self.relied,
+                "observations": self.observations, "flipped": self.flipped, "flipped_elements": self.flipped_elements,
+                "element_flip_rate": self.element_flip_rate, "max_abs_error": self.max_abs_error}
+
+
+def check_relied(report: EntropyReport, sites: list[Site], relied: Mapping[str, Sequence[int]]) -> list[SiteCheck]:
+    """Each site of ``relied`` (site name -> per-neuron state relied on, -1 for none) checked against
+    the states measured in ``report`` (with moments) on new data; ``sites`` give each kind and
+    parameters. ``UserError`` when a site is missing or its neuron count differs (another model)."""
+    by_name, kinds = report.by_name(), {s.name: s for s in sites}
+    checks = []
+    for name, wanted in relied.items():
+        stats, site = by_name.get(name), kinds.get(name)
+        if stats is None or site is None or stats.neurons != len(wanted):
+            found = "no such site" if stats is None else f"{stats.neurons} neurons, not {len(wanted)}"
+            raise UserError(f"the fold report's site '{name}' does not match the reference model ({found}): "
+                            "is it the checkpoint that was folded?")
+        states = np.asarray(wanted, dtype=np.int64)
+        used = states >= 0
+        seen = stats.counts[np.arange(stats.neurons), np.where(used, states, 0)]
+        off = np.where(used, stats.elements - seen, 0)
+        m = stats.moments
+        error = 0.0 if m is None or not used.any() else float(relied_error(site.kind, site.params, states, m.low, m.high).max())
+        checks.append(SiteCheck(name, stats.target, int(used.sum()), stats.elements, int((off > 0).sum()),
+                                int(off.sum()), error))
+    return checks
+
+
+def relied_states(report: Mapping, where: str) -> dict[str, list[int]]:
+    """Site name -> per-neuron state relied on, from a fold report (``certification.sites[*].states``);
+    only sites with a neuron relied on. ``UserError`` naming ``where`` when the report has none."""
+    cert = report.get("certification") if isinstance(report, Mapping) else None
+    sites = cert.get("sites") if isinstance(cert, Mapping) else None
+    if not isinstance(sites, list):
+        raise UserError(f"'{where}' is not a fold report with certified states (no certification.sites)")
+    out: dict[str, list[int]] = {}
+    for s in sites:
+        states = s.get("states") if isinstance(s, Mapping) else None
+        name = s.get("name") if isinstance(s, Mapping) else None
+        if not isinstance(name, str) or not isinstance(states, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and -1 <= v <= 2 for v in states):
+            raise UserError(f"'{where}': malformed certification site entry {str(s)[:80]}")
+        if any(v >= 0 for v in states):
+            out[name] = states
+    return out

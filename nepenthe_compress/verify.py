@@ -10,8 +10,9 @@ import contextlib
 import copy
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -21,6 +22,9 @@ from torch import Tensor, nn
 from nepenthe_compress.errors import UserError
 from nepenthe_compress.runtime import provider_chain
 from nepenthe_compress.signature import MAX_THREADS, onnx_signature
+
+if TYPE_CHECKING:
+    from nepenthe_compress.certify import SiteCheck
 
 Runner = Callable[[Tensor], list[Tensor]]
 
@@ -233,3 +237,17 @@ def float32_noise(model: nn.Module, batches: Iterable[Tensor]) -> float:
     with eval_mode(model), eval_mode(ref64):
         return compare_runners(lambda x: run64(x.double()), torch_runner(model), batches).max_rel
 
+
+
+def verify_sites(model: nn.Module, batches: Iterable[Tensor], relied: Mapping[str, Sequence[int]],
+                 leaf_modules: Iterable[type | str] = ()) -> list[SiteCheck]:
+    """The states a fold relied on (site name -> per-neuron state, -1 for none; see
+    ``certify.relied_states``) checked on ``batches`` through the original ``model``: per site the
+    neurons and elements that flipped and the largest error of the linear maps there."""
+    from nepenthe_compress.certify import check_relied
+    from nepenthe_compress.entropy import EntropyMeter
+
+    meter = EntropyMeter(model, leaf_modules)
+    for x in batches:
+        meter.update(x)
+    return check_relied(meter.report(), meter.sites, relied)

@@ -566,3 +566,65 @@ def test_corrupt_pt2_gives_one_line_and_no_torch_noise(tmp_path, capfd, program)
     res = run_verify(str(truncated), str(path), "--trust-pickle", "--input-shape", "3,8,8")
     one_error(res, f"cannot load exported program '{truncated}': File is not a zip file")
     assert capfd.readouterr() == ("", "")      # torch's warnings and log lines (written to fd 2) are silenced
+
+
+# ---------------------------------------------------------------------------------------- verify per site
+
+def test_verify_checks_the_states_a_fold_relied_on_per_site(tmp_path):
+    """A fold relies on neuron 1 of ``act`` being OFF (it is, far from 0, on all its data); on new
+    data that neuron is ON for 5 samples: verify names the site, counts the flips and reports the
+    error of the linear map there (relu(z) - 0 = z, so the largest positive z)."""
+    from nepenthe_compress.cli import main
+    from test_certify import columns, tiny, uniform
+
+    tiny(tmp_path)
+    state = tmp_path / "tiny.pt"
+    torch.save(tiny(tmp_path).state_dict(), state)
+    n = 100
+    np.savez(tmp_path / "calib.npz", x=columns(uniform(5, 6, n, 0), uniform(-6, -5, n, 1),
+                                               uniform(-6, -5, n, 2)).numpy())
+    new = columns(uniform(5, 6, 20, 3), uniform(-6, -5, 20, 4), uniform(-6, -5, 20, 5)).numpy()
+    new[[2, 5, 7, 11, 13], 1] = [0.1, 0.7, 0.3, 0.2, 0.4]
+    np.savez(tmp_path / "new.npz", x=new)
+    load = ["--arch", "tiny_certify:build", "--code-path", str(tmp_path)]
+    folded = CliRunner().invoke(main, ["fold", str(state), *load, "--calib", str(tmp_path / "calib.npz"), "-o",
+                                       str(tmp_path / "out"), "--no-bench", "--no-pt2", "--cost", "flops"])
+    assert folded.exit_code == 0, folded.output
+    onnx_file = tmp_path / "out" / "tiny.folded.onnx"
+
+    res = CliRunner().invoke(main, ["verify", str(state), str(onnx_file), *load, "--calib", str(tmp_path / "new.npz"),
+                                    "--json", str(tmp_path / "v.json")])
+    assert res.exit_code == 1 and res.stderr.splitlines()[-1].startswith("error: not equivalent"), res.output
+    data = json.loads((tmp_path / "v.json").read_text())
+    assert data["fold_report"] == str(tmp_path / "out" / "tiny.report.json")
+    (site,) = data["sites"]
+    assert (site["target"], site["neurons_relied_on"], site["observations"]) == ("act", 3, 20)
+    assert (site["flipped"], site["flipped_elements"]) == (1, 5)
+    assert site["element_flip_rate"] == pytest.approx(5 / 60)
+    assert site["max_abs_error"] == pytest.approx(0.7, rel=1e-6)
+    assert "states relied on by the fold" in res.stdout
+
+    same = CliRunner().invoke(main, ["verify", str(state), str(onnx_file), *load, "--calib", str(tmp_path / "calib.npz"),
+                                     "--json", str(tmp_path / "c.json")])
+    assert same.exit_code == 0, same.output
+    (site,) = json.loads((tmp_path / "c.json").read_text())["sites"]
+    assert (site["flipped"], site["flipped_elements"], site["max_abs_error"]) == (0, 0, 0.0)
+
+    # the states are read through the original model: an ONNX reference cannot check them
+    bad = CliRunner().invoke(main, ["verify", str(tmp_path / "out" / "tiny.onnx"), str(onnx_file), "--calib",
+                                    str(tmp_path / "new.npz"), "--report", str(tmp_path / "out" / "tiny.report.json")])
+    assert bad.exit_code == 1 and bad.stderr.count("\n") == 1 and "REFERENCE must be the checkpoint" in bad.stderr
+
+
+def test_relied_error_of_each_state_by_hand():
+    from nepenthe_compress.certify import relied_error
+    from nepenthe_compress.sites import LEAKY, RELU6
+
+    low, high = np.array([-2.0, -1.0, 0.5, 5.0]), np.array([-0.5, 2.0, 7.0, 8.0])
+    # ReLU6 relied OFF (0), LINEAR (z), LINEAR (z), SATURATED (6): |relu6(z) - map| at the worst z
+    err = relied_error(RELU6, {"min": 0.0, "max": 6.0}, np.array([0, 1, 1, 2]), low, high)
+    np.testing.assert_allclose(err, [0.0, 1.0, 1.0, 1.0])
+    # LeakyReLU(0.1) relied OFF (0.1 z) with z up to 2: 2 - 0.2; ON (z) with z down to -2: 2 - 0.2; -1: none
+    err = relied_error(LEAKY, {"negative_slope": 0.1}, np.array([0, 1, -1, 1]),
+                       np.array([-1.0, -2.0, -3.0, 1.0]), np.array([2.0, 1.0, 3.0, 2.0]))
+    np.testing.assert_allclose(err, [1.8, 1.8, 0.0, 0.0])
