@@ -409,6 +409,46 @@ def test_no_batches_is_a_data_error() -> None:
         measure_entropy(Shared(), [])
 
 
+
+def test_moments_per_neuron_streamed_over_batches() -> None:
+    """min / max (exact) and mean / std of every neuron's pre-activation, from three batches, against
+    numpy over the float32 pre-activations captured by hooks (axis 1 for a conv, last for a Linear)."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 36, 7), nn.ReLU6()).eval()
+    with torch.no_grad():
+        model[0].bias.add_(3.0)                         # |mean| > std: sums must not cancel badly
+    x = torch.randn(9, 3, 8, 8)
+    report = measure_entropy(model, [x[:2], x[2:5], x[5:]])
+    for stats, (_, z, _), axis in zip(report.sites, capture(model, x, (nn.ReLU, nn.ReLU6)), (1, 1)):
+        rows = neuron_rows(z.numpy().astype(np.float64), axis if z.dim() == 4 else -1)
+        m = stats.moments
+        np.testing.assert_array_equal(m.low, rows.min(0))
+        np.testing.assert_array_equal(m.high, rows.max(0))
+        np.testing.assert_allclose(m.mean, rows.mean(0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(m.std, rows.std(0), rtol=1e-4)
+        assert stats.elements == rows.shape[0] and m.low.dtype == np.float64
+    assert report.to_dict()["sites"][0]["observations"] == 9 * 36
+    picked = report.sites[1].select(np.array([True, False, True, False, False, False, True]))
+    assert picked.neurons == 3 and picked.moments.low.tolist() == report.sites[1].moments.low[[0, 2, 6]].tolist()
+
+
+def test_figure_with_a_margin_splits_off_uncertain_neurons_and_shows_the_bound() -> None:
+    from nepenthe_compress.certify import flip_bound, inside_margin
+
+    report = engineered_report()
+    margin = 1e4                        # the engineered ON/OFF neurons are ~1e4 stds from 0: some fall inside
+    fig = entropy_figure(report, margin)
+    ax = fig.axes[0]
+    bars = {c.get_label(): [p.get_height() for p in c.patches] for c in ax.containers
+            if not c.get_label().startswith("_")}
+    inside = [float(inside_margin(s, margin).sum()) / s.neurons for s in report.sites]
+    assert 0 < sum(inside) and bars[f"one state, inside margin ({margin:g} std)"] == pytest.approx(inside)
+    totals = np.sum([v for v in bars.values()], axis=0)
+    np.testing.assert_allclose(totals, 1.0)
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == [f"{flip_bound(s.elements):.0e}" for s in report.sites]
+
+
 # ---- plot --------------------------------------------------------------------------------------
 
 def engineered_report():
