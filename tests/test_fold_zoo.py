@@ -122,9 +122,10 @@ def mobilenet_v2() -> Case:
 
 def vgg11_bn() -> Case:
     """vgg11_bn features (8 conv-BN-ReLU, 5 max-pools) with a narrow classifier (25088 -> 64 -> 64
-    -> 10, same layout, small enough to fold fast). Depth 11. features.10 (after the 3rd conv) is ON,
-    but conv 3x3 pad 1 -> conv 3x3 pad 1 is border-inexact: no merge. classifier.4 is ON:
-    Linear -> (Dropout) -> Linear merges exactly: drop 1. Dead: 2 channels after features.15."""
+    -> 10, same layout, small enough to fold fast). Depth 11. features.10 (after the 3rd conv) is ON:
+    conv 3x3 pad 1 -> conv 3x3 pad 1 merges exactly with a border correction: drop 1. classifier.4
+    is ON: Linear -> (Dropout) -> Linear merges exactly: drop 1 more. Dead: 2 channels after
+    features.15."""
     torch.manual_seed(0)
     m = torchvision.models.vgg11_bn(weights=None, num_classes=10).eval()
     m.classifier = nn.Sequential(nn.Linear(512 * 7 * 7, 64), nn.ReLU(True), nn.Dropout(),
@@ -133,7 +134,7 @@ def vgg11_bn() -> Case:
     calibrate(m, x, centre=[m.classifier[0], m.classifier[3]])
     engineer(m, x, {m.features[9]: (ON, None), m.classifier[3]: (ON, None),
                     m.features[16]: (DEAD, [4, 5])})
-    return Case(m, x, {"features_10", "classifier_4"}, dead=2, depth=11, drop=1)
+    return Case(m, x, {"features_10", "classifier_4"}, dead=2, depth=11, drop=2)
 
 
 def vit_relu_mlp() -> Case:
@@ -200,7 +201,7 @@ def test_fold_on_a_real_architecture(name: str, tmp_path: Path) -> None:
     assert got == expected
 
 
-# ---- resnet18: the border-inexact merge ------------------------------------------------------------
+# ---- resnet18: the border-corrected merge ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def r18() -> tuple[Case, EntropyReport]:
@@ -208,23 +209,25 @@ def r18() -> tuple[Case, EntropyReport]:
     return case, measure_entropy(case.model, [case.x])
 
 
-def test_border_inexact_merge_is_refused_by_default(r18) -> None:
+def test_auto_keeps_the_padded_pair_on_cpu_costs(r18) -> None:
+    """Default options (merge auto, analytic cost): the 5x5 of layer1.0 does more MACs than two 3x3s."""
     case, report = r18
-    fold = fold_graph(case.model, report, case.x[:2])  # default options: merge auto, exact only
+    fold = fold_graph(case.model, report, case.x[:2])
     assert fold.count("merge") == 0
-    skips = [e for e in fold.events if e.action == "skip" and "border-inexact" in e.detail]
+    skips = [e for e in fold.events if e.action == "skip" and "cost model predicts no gain" in e.detail]
     assert [e.where for e in skips] == ["layer1.0.conv2"]
     assert verify_equivalence(case.model, fold.model, [case.x]).max_rel <= EXACT
 
 
-def test_allow_inexact_merges_and_the_error_is_measurable(r18, tmp_path) -> None:
-    """conv1 -> conv2 of layer1.0 become one 5x5 (+ identity): depth 18 -> 17, but the merged conv
-    sees conv1 applied to the padding instead of zeros, an O(weights) error on the border ring."""
+@pytest.mark.parametrize("allow_inexact", [False, True])
+def test_merge_all_makes_the_padded_pair_exactly_even_with_allow_inexact(r18, tmp_path, allow_inexact) -> None:
+    """conv1 -> conv2 of layer1.0 become one 5x5 with a border correction (+ identity): depth 18 ->
+    17, exact; --allow-inexact changes nothing here (a corrected pair is never border-inexact)."""
     case, report = r18
-    fold = fold_graph(case.model, report, case.x[:2], FoldOptions(merge="all", allow_inexact=True))
+    fold = fold_graph(case.model, report, case.x[:2], FoldOptions(merge="all", allow_inexact=allow_inexact))
     merges = [e for e in fold.events if e.action == "merge"]
-    assert any("BORDER-INEXACT" in e.detail and e.where == "layer1.0.conv1 -> layer1.0.conv2"
-               for e in merges)
-    assert verify_equivalence(case.model, fold.model, [case.x]).max_rel > 1e-3
-    path = export_onnx(fold.model, case.x[:2], tmp_path / "inexact.onnx")
+    assert any("border correction" in e.detail and e.where == "layer1.0.conv1 -> layer1.0.conv2" for e in merges)
+    assert not any("BORDER-INEXACT" in e.detail for e in merges)
+    assert verify_equivalence(case.model, fold.model, [case.x]).max_rel <= EXACT
+    path = export_onnx(fold.model, case.x[:2], tmp_path / "merged.onnx")
     assert onnx_depth(path) == case.depth - 1
