@@ -137,7 +137,7 @@ def mobilenet_v3_large() -> Engineered:
 def vgg11_bn() -> Engineered:
     """3x32x32 with the 32x32 head (features -> 512 -> ReLU -> 512 -> ReLU -> 10; the 4096-wide
     ImageNet head would dominate every timing). Conv sites 2, 4, 6, 7 a quarter + 3 dead
-    (128 -> 93, 256 -> 189, 512 -> 381); conv site 3 always ON (a border-inexact 3x3 -> 3x3, kept);
+    (128 -> 93, 256 -> 189, 512 -> 381); conv site 3 always ON (a linear 3x3 -> 3x3 chain);
     the first head site always ON (512 -> 512 -> 512 merges) and the second a quarter + 3 dead."""
     torch.manual_seed(0)
     m = torchvision.models.vgg11_bn(num_classes=10)
@@ -308,12 +308,23 @@ def markdown(header: list[str], body: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, body)])
 
 
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return int(text)
+
+
+def positive_ints(text: str) -> tuple[int, ...]:
+    """'1,32' -> (1, 32)."""
+    return tuple(positive_int(v) for v in text.split(","))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--repeats", type=positive_int, default=15)
+    ap.add_argument("--threads", type=positive_int, default=2)
+    ap.add_argument("--batches", type=positive_ints, default=(1, 32), metavar="B,B")
     ap.add_argument("--cost", choices=("measured", "flops"), default="measured",
                     help="the merge planner's cost model (fold's --cost; measured layer timings are cached)")
     args = ap.parse_args()
@@ -321,20 +332,20 @@ def main() -> None:
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
-    batches = tuple(int(b) for b in args.batches.split(","))
-    torch.set_num_threads(args.threads)
+    repeats, threads, batches = args.repeats, args.threads, args.batches
+    torch.set_num_threads(threads)
     start, load = time.perf_counter(), os.getloadavg()[0]
-    cost = MeasuredCost(Runtime(threads=args.threads), batches) if args.cost == "measured" else AnalyticCost()
+    cost = MeasuredCost(Runtime(threads=threads), batches) if args.cost == "measured" else AnalyticCost()
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run_model(n, Path(tmp), batches, args.threads, args.repeats, cost) for n in names]
+        results = [run_model(n, Path(tmp), batches, threads, repeats, cost) for n in names]
     if isinstance(cost, MeasuredCost):
         cost.cache.save()
     print(f"onnxruntime {ort.__version__} CPUExecutionProvider, torch {torch.__version__}, "
-          f"{args.threads} threads, machine: {os.cpu_count()} CPUs ({platform.machine()}), "
+          f"{threads} threads, machine: {os.cpu_count()} CPUs ({platform.machine()}), "
           f"load average {load:.2f} at start; planner cost model: {args.cost}"
           + (f" ({cost.measured} of {cost.looked_up} layer costs measured, the rest cached)"
              if isinstance(cost, MeasuredCost) else ""))
-    print(f"ms = median of {args.repeats} interleaved repeats (all variants of a model in every repeat), "
+    print(f"ms = median of {repeats} interleaved repeats (all variants of a model in every repeat), "
           f"IQR in brackets; ratio = original median / variant median (> 1: faster); MACs = original / "
           f"variant; depth = weighted layers on the longest ONNX path; max rel err = max|diff|/max|ref| "
           f"vs the original on the calibration batch (! above fold's tolerance: {EXACT_TOL:g} or {NOISE_FACTOR}x the "
