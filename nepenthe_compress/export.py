@@ -108,6 +108,27 @@ def _quiet() -> Iterator[None]:
         logging.disable(disabled)
 
 
+@contextlib.contextmanager
+def _native_quiet() -> Iterator[None]:
+    """Also silence output written by native code straight to file descriptors 1 and 2 (the
+    TorchScript exporter dumps its IR graph there when it fails); restored afterwards."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
+
+
 def _example(example: Tensor, dynamic_batch: bool) -> Tensor:
     """A batch of >= 2 for dynamic export: torch.export specialises a size-1 dim to the constant 1."""
     if dynamic_batch and example.shape[0] < 2:
@@ -205,7 +226,7 @@ def _torchscript_onnx(model: nn.Module, example: Tensor, opset: int, dynamic_bat
     axes = {name: {0: BATCH} for name in ["input", *outputs]} if dynamic_batch else None
     buffer = io.BytesIO()
     try:
-        with eval_mode(model), torch.no_grad(), _quiet():
+        with eval_mode(model), torch.no_grad(), _quiet(), _native_quiet():
             torch.onnx.export(model, (_example(example, dynamic_batch),), buffer, dynamo=False,
                               opset_version=opset, input_names=["input"], output_names=outputs,
                               dynamic_axes=axes)

@@ -531,3 +531,26 @@ def test_torchscript_output_that_differs_falls_back_to_dynamo(tmp_path, monkeypa
     with pytest.raises(ExportError, match="differs from torch"):
         export_onnx(gm, torch.randn(2, 3, 32, 32), tmp_path / "ts.onnx", exporter="torchscript")
     assert not (tmp_path / "ts.onnx").exists()
+
+
+class Attention(nn.Module):
+    """The TorchScript exporter cannot translate fused attention: it dumps its IR from native code
+    and the export falls back to dynamo."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_a_failing_torchscript_export_prints_nothing_and_falls_back(tmp_path, capfd):
+    from nepenthe_compress.trace import trace_model
+
+    torch.manual_seed(0)
+    gm = trace_model(Attention().eval())
+    path = export_onnx(gm, torch.randn(2, 5, 8), tmp_path / "attn.onnx")
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+    assert rel_err_vs_float64(gm, path, torch.randn(3, 5, 8)) < 1e-5
