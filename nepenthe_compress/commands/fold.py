@@ -159,7 +159,8 @@ def render(r: FoldReport) -> list[Table | Text]:
     t.add_row("data", escape(f"{r.calibration.source}: {r.calibration.part}"))
     t.add_row("calibration", f"max rel err {c.max_rel:.2e} ({_held_to(eq.tolerance)}), "
               f"top-1 agreement {_pct(c.top1_agreement)} ({c.samples} samples)")
-    t.add_row("held-out", f"max rel err {h.max_rel:.2e} ({_held_to(h.tol)}), top-1 agreement "
+    held_to = "" if h.tol is None else f" (tolerance {h.tol:.2g})"
+    t.add_row("held-out", f"max rel err {h.max_rel:.2e}{held_to}, top-1 agreement "
               f"{_pct(h.top1_agreement)} ({h.samples} samples), state flips {eq.heldout_state_flips.fraction:.2%}")
     if r.certification:
         t.add_row("certified states", certified_line(r.certification))
