@@ -188,7 +188,7 @@ def _name_batch_dim(proto: onnx.ModelProto) -> None:
                 d.dim_param = BATCH
 
 
-def _self_check(model: nn.Module, path: Path, example: Tensor, dynamic_batch: bool) -> None:
+def self_check(model: nn.Module, path: Path, example: Tensor, dynamic_batch: bool) -> None:
     """onnx.checker, then onnxruntime vs torch at the example's batch size and (if dynamic) another."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
@@ -247,7 +247,7 @@ def _write(model: nn.Module, proto: onnx.ModelProto, example: Tensor, path: Path
     with atomic_path(path) as tmp:
         onnx.save_model(proto, str(tmp))
         if check:
-            _self_check(model, tmp, example, dynamic_batch)
+            self_check(model, tmp, example, dynamic_batch)
 
 
 def export_onnx(model: nn.Module, example: Tensor, path: str | os.PathLike, *, opset: int = 18,

@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from nepenthe_compress.cache import cache_dir
 from nepenthe_compress.fold.ops import Shape, Spec, kind_of_spec, module_of
 from nepenthe_compress.io import atomic_path
 from nepenthe_compress.runtime import Runtime
@@ -38,13 +38,6 @@ CACHE_FILE = "layer-costs-v1.json"
 MAX_CACHE_BYTES = 16 << 20
 MAX_CACHE_ENTRIES = 100_000
 WARMUP, REPEATS = 2, 7
-
-
-def cache_dir() -> Path:
-    if os.environ.get("NEPENTHE_CACHE_DIR"):
-        return Path(os.environ["NEPENTHE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "nepenthe-compress"
 
 
 def _structure(value: Any) -> Any:

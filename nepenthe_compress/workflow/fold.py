@@ -19,6 +19,7 @@ from torch import nn
 
 from nepenthe_compress.bench import LatencyTable, compare_latency
 from nepenthe_compress.certify import DEFAULT_MARGIN, certify
+from nepenthe_compress.cache import cached_export
 from nepenthe_compress.checkpoint import LoadedCheckpoint
 from nepenthe_compress.data import Dataset, Samples, iter_batches, resolve_inputs, split, training_split, untrained_part
 from nepenthe_compress.entropy import measure_entropy
@@ -203,7 +204,7 @@ def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSet
         planner = Planner.of(cost)
         original_onnx = folder / "original.onnx"
         progress("exporting the original to ONNX")
-        export_onnx(trace_model(model, settings.leaf_modules), example, original_onnx)
+        cached_export(trace_model(model, settings.leaf_modules), example, original_onnx)
         planned = next(iter(built))
         chosen, guard, latency = planned, None, None
         if settings.bench:

@@ -115,4 +115,4 @@ def test_cache_location_follows_the_environment(tmp_path, monkeypatch) -> None:
     assert M.CostCache().path == tmp_path / "c" / M.CACHE_FILE
     monkeypatch.delenv("NEPENTHE_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert M.cache_dir() == tmp_path / "x" / "nepenthe-compress"
+    assert M.CostCache().path == tmp_path / "x" / "nepenthe-compress" / M.CACHE_FILE
