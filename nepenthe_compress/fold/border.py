@@ -33,6 +33,7 @@ from torch import Tensor
 from nepenthe_compress.fold import algebra as A
 
 Pair = tuple[int, int]
+UNKNOWN_SIZE = "the input size is not known (border corrections need static shapes)"
 
 
 @dataclass(frozen=True)
@@ -183,43 +184,52 @@ def _trim(weight: Tensor, dim: int, reach: set[int], first: int, step: int, n: i
     return weight.narrow(dim, i0, i1 - i0 + 1), first + i0 * step, (i1 - i0) * step + 1
 
 
-def compose_corrected(a: A.ConvSpec, b: A.ConvSpec, in_hw: Pair) -> BorderConvSpec:
+def compose_corrected(a: A.ConvSpec, b: A.ConvSpec, in_hw: Pair, weights: bool = True) -> BorderConvSpec:
     """b(a(x)) as one conv plus its border correction, exact for inputs of spatial size ``in_hw``.
 
     Any strides, dilations, groups and kernel sizes that ``compose_convs`` composes; zero padding
     only (other padding modes are refused before this). Raises ``NotExact`` with the reason when
-    the merged output size differs from b's."""
+    the merged output size differs from b's. ``weights=False``: the same layer's structure only
+    (``structure``), without the K^2 weight products."""
     if in_hw is None:
-        raise A.NotExact("the input size is not known (border corrections need static shapes)")
+        raise A.NotExact(UNKNOWN_SIZE)
     A._check_map(a, in_hw)
     mid = a.out_size(in_hw)
     A._check_map(b, mid)
     axes = A.compose_axes(a, b)
-    products, g = A.tap_products(a, b)          # the one expensive step, shared by every piece
-    main = A.merged_conv(a, b, in_hw, A.place_products(products, None, axes), g, axes)
+    h, w = axes
+    if weights:
+        products, g = A.tap_products(a, b)          # the one expensive step, shared by every piece
+        main = A.merged_conv(a, b, in_hw, A.place_products(products, None, axes), g, axes)
+
+        def composed(rows: Sequence[int] | None, cols: Sequence[int] | None, sign: int = 1) -> Tensor:
+            """A composed with B's taps restricted to ``rows`` x ``cols`` (None: all), times sign."""
+            taps = {(i, j) for i in (range(b.kernel_size[0]) if rows is None else rows)
+                    for j in (range(b.kernel_size[1]) if cols is None else cols)}
+            kernel = A.place_products(products, taps, axes)
+            return kernel if sign > 0 else -kernel
+    else:
+        main, g = _merged_structure(a, b, in_hw, axes)
+        kernel = (b.out_channels, a.in_channels // g, h.kernel, w.kernel)
+
+        def composed(rows: Sequence[int] | None, cols: Sequence[int] | None, sign: int = 1) -> Tensor:
+            return stand_in(kernel, a.weight.dtype)
     out = main.out_size(in_hw)
     (kbh, kbw), (sbh, sbw), (pbh, pbw), (dbh, dbw) = b.kernel_size, b.stride, b.padding, b.dilation
     rings_r = {o: t for o in range(out[0]) if (t := ring_taps(o, kbh, sbh, pbh, dbh, mid[0]))}
     rings_c = {p: t for p in range(out[1]) if (t := ring_taps(p, kbw, sbw, pbw, dbw, mid[1]))}
 
-    def composed(rows: Sequence[int] | None, cols: Sequence[int] | None) -> Tensor:
-        """A composed with B's taps restricted to ``rows`` x ``cols`` (None: all)."""
-        taps = {(i, j) for i in (range(kbh) if rows is None else rows)
-                for j in (range(kbw) if cols is None else cols)}
-        return A.place_products(products, taps, axes)
-
-    h, w = axes
     pieces: list[_Piece] = []
     kah, kaw = a.kernel_size
     for o, taps in rings_r.items():          # edge rows: translation-invariant along the columns
-        trimmed = _trim(-composed(taps, None), 2, _reach(taps, h, kah), o * h.stride - h.padding,
+        trimmed = _trim(composed(taps, None, -1), 2, _reach(taps, h, kah), o * h.stride - h.padding,
                         h.dilation, in_hw[0])
         if trimmed is not None:
             k, top, height = trimmed
             pieces.append(_Piece(k, g, (1, w.stride), (0, w.padding), (h.dilation, w.dilation),
                                  Window(top, 0, height, in_hw[1]), (o, 0)))
     for p, taps in rings_c.items():          # edge columns: translation-invariant along the rows
-        trimmed = _trim(-composed(None, taps), 3, _reach(taps, w, kaw), p * w.stride - w.padding,
+        trimmed = _trim(composed(None, taps, -1), 3, _reach(taps, w, kaw), p * w.stride - w.padding,
                         w.dilation, in_hw[1])
         if trimmed is not None:
             k, left, width = trimmed
@@ -235,7 +245,53 @@ def compose_corrected(a: A.ConvSpec, b: A.ConvSpec, in_hw: Pair) -> BorderConvSp
                 (_, top, height), (k, left, width) = rows, cols
                 pieces.append(_Piece(k, g, (1, 1), (0, 0), (h.dilation, w.dilation),
                                      Window(top, left, height, width), (o, p)))
-    return BorderConvSpec(drop_dead_taps(main, in_hw), _stack(pieces), tuple(in_hw))
+    return BorderConvSpec(drop_dead_taps(main, in_hw), _stack(pieces, weights), tuple(in_hw))
+
+
+# ---- structure only: what a cost model prices ------------------------------------------------------
+
+def stand_in(shape: Sequence[int], dtype: torch.dtype, value: float = 0.0) -> Tensor:
+    """A tensor of ``shape`` holding ``value`` everywhere, without the memory (an expanded scalar):
+    the weight of a structure-only spec."""
+    return torch.full((), value, dtype=dtype).expand(*shape)
+
+
+def _links(conv: A.ConvSpec) -> A.ConvSpec:
+    """``conv`` as a 1x1 conv of 0/1 weights: which inputs reach which outputs (float32, exact
+    counts below 2^24 mid channels)."""
+    return replace(conv, weight=conv.weight.ne(0).any((2, 3), keepdim=True).float())
+
+
+def _merged_structure(a: A.ConvSpec, b: A.ConvSpec, in_hw: Pair, axes: list) -> tuple[A.ConvSpec, int]:
+    """``merged_conv``'s result (and the groups of the pieces) from the channel links alone: its
+    weight a stand-in that keeps which inputs reach which outputs (so ``_refine`` finds the groups
+    the composed weights have, exact zeros by cancellation aside), its additive term computed."""
+    links, g = A.tap_products(_links(a), _links(b))
+    h, w = axes
+    weight = links[0, 0].to(a.weight.dtype).expand(-1, -1, h.kernel, w.kernel)
+    main = A.merged_conv(a, b, in_hw, weight, g, axes)
+    connected = main.weight[..., :1, :1].ne(0).to(a.weight.dtype)
+    return replace(main, weight=connected.expand(main.weight.shape)), g
+
+
+def _plain_structure(a: A.ConvSpec, b: A.ConvSpec, in_hw: Pair, allow_inexact: bool) -> Conv:
+    """``compose_convs``'s structure (same checks and refusals), else ``compose_corrected``'s."""
+    if a.out_channels != b.in_channels:
+        raise ValueError(f"cannot compose: {a.out_channels} output channels into {b.in_channels}")
+    A._check_map(a, in_hw)
+    A._check_map(b, a.out_size(in_hw))
+    if not allow_inexact and not A._border_exact(a, b):
+        return compose_corrected(a, b, in_hw, weights=False)
+    return _merged_structure(a, b, in_hw, A.compose_axes(a, b))[0]
+
+
+def structure(a: Conv, b: Conv, in_hw: Pair | None, allow_inexact: bool = False) -> Conv:
+    """``compose(a, b, ...)``'s layer without computing its weights: the same type, kernel sizes,
+    groups, pieces, bias map and refusals, its weights ``stand_in``s (a dense one carries the
+    channel links, so that it composes further). What a cost model prices (shapes, not values) at
+    the cost of one channel-links product instead of K^2 weight products."""
+    _refuse_corrected(a, b, in_hw, allow_inexact)
+    return _plain_structure(lower(lift(a)), lower(lift(b)), in_hw, allow_inexact)
 
 
 def _dead_taps(k: int, s: int, p: int, d: int, n: int) -> int:
@@ -258,12 +314,18 @@ def drop_dead_taps(conv: A.ConvSpec, in_hw: Pair) -> A.ConvSpec:
     return replace(conv, weight=weight, padding=padding)
 
 
-def _stack(pieces: list[_Piece]) -> tuple[PieceGroup, ...]:
-    """Pieces of one shape and geometry as one ``PieceGroup`` each (first-seen order)."""
+def _stack(pieces: list[_Piece], weights: bool = True) -> tuple[PieceGroup, ...]:
+    """Pieces of one shape and geometry as one ``PieceGroup`` each (first-seen order); without
+    ``weights`` the stacked weight is a ``stand_in``."""
+    def cat(ws: list[Tensor]) -> Tensor:
+        if weights:
+            return torch.cat(ws)
+        return stand_in((sum(t.shape[0] for t in ws), *ws[0].shape[1:]), ws[0].dtype)
+
     by_key: dict[tuple, list[_Piece]] = {}
     for piece in pieces:
         by_key.setdefault(piece.key(), []).append(piece)
-    return tuple(PieceGroup(torch.cat([q.weight for q in same]), same[0].groups, same[0].stride,
+    return tuple(PieceGroup(cat([q.weight for q in same]), same[0].groups, same[0].stride,
                             same[0].padding, same[0].dilation, tuple(q.window for q in same),
                             tuple(q.place for q in same)) for same in by_key.values())
 
@@ -284,15 +346,20 @@ def compose(a: Conv, b: Conv, in_hw: Pair | None, allow_inexact: bool = False) -
     else the border-corrected merge. A layer that already carries a correction merges no further:
     ``BorderInexact`` (so that ``allow_inexact`` may merge the plain layers instead) unless inexact
     merges were asked for, then ``NotExact``."""
-    corrected = [s for s in (a, b) if isinstance(s, BorderConvSpec) and s.pieces]
-    if corrected:
-        reason = "a border-corrected merge joins two convs only (it does not merge further)"
-        raise A.NotExact(reason) if allow_inexact else A.BorderInexact(reason)
+    _refuse_corrected(a, b, in_hw, allow_inexact)
     a, b = lower(lift(a)), lower(lift(b))
     try:
         return A.compose_convs(a, b, in_hw, allow_inexact=allow_inexact)
     except A.BorderInexact:
         return compose_corrected(a, b, in_hw)
+
+
+def _refuse_corrected(a: Conv, b: Conv, in_hw: Pair | None, allow_inexact: bool) -> None:
+    if in_hw is None:
+        raise A.NotExact(UNKNOWN_SIZE)
+    if any(isinstance(s, BorderConvSpec) and s.pieces for s in (a, b)):
+        reason = "a border-corrected merge joins two convs only (it does not merge further)"
+        raise A.NotExact(reason) if allow_inexact else A.BorderInexact(reason)
 
 
 def add(a: Conv, b: Conv, in_hw: Pair) -> Conv:

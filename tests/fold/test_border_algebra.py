@@ -8,6 +8,7 @@ on the corner positions, where the correction does its work."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from torch import Tensor
 from nepenthe_compress.fold import border
 from nepenthe_compress.fold.algebra import BorderInexact, ConvSpec, NotExact
 from nepenthe_compress.fold.border import BorderConvSpec
+from nepenthe_compress.fold.cost import layer_cost
+from nepenthe_compress.fold.measured import _structure
 
 D = torch.float64
 TOL = 1e-10
@@ -270,3 +273,76 @@ def test_taps_that_read_only_padding_are_dropped_from_the_merged_conv(hw, stride
     assert spec.main.kernel_size == kernel
     x = torch.randn(2, 4, *hw, dtype=D, generator=gen)
     assert max(errors(original(a, b, x), run(spec, x), regions(a, b, hw)).values()) <= TOL
+
+
+# ---- structure only (what the planner prices) ------------------------------------------------------
+
+def _outcome(f, *args):
+    """f(*args), or the type and message of the exception it raises."""
+    try:
+        return f(*args)
+    except (NotExact, ValueError) as e:
+        return type(e), str(e)
+
+
+def _layout(spec):
+    """What a cost model reads: types, tensor shapes, geometry (``fold.measured``'s cache key)."""
+    return spec if isinstance(spec, tuple) else _structure(spec)
+
+
+def test_the_structure_of_a_merge_is_the_merge_without_its_weights() -> None:
+    """``border.structure`` on random pairs (and with ``allow_inexact``): the same layer type,
+    kernel sizes, groups, pieces (shapes, windows, places), bias map and refusals as ``compose``,
+    so the same analytic cost; its weights are stand-ins of one stored value."""
+    rng, gen = random.Random(20), torch.Generator().manual_seed(20)
+    checked = with_pieces = 0
+    while checked < 120:
+        a, b, hw = random_pair(rng, gen)
+        if rng.random() < 0.3:      # tiny inputs: taps reading only padding dropped
+            hw = (rng.randint(1, 4), rng.randint(1, 4))
+        if not _valid(a, b, hw):
+            continue
+        inexact = rng.random() < 0.3
+        real = _outcome(border.compose, a, b, hw, inexact)
+        shape_only = _outcome(border.structure, a, b, hw, inexact)
+        assert type(real) is type(shape_only) and _layout(real) == _layout(shape_only), (a, b, hw)
+        if not isinstance(real, tuple):
+            in_shape = (1, a.in_channels, *hw)
+            assert layer_cost(real, in_shape) == layer_cost(shape_only, in_shape)
+            main = shape_only.main if isinstance(shape_only, BorderConvSpec) else shape_only
+            weights = [main.weight] + [g.weight for g in getattr(shape_only, "pieces", ())]
+            assert all(w.untyped_storage().nbytes() <= w.shape[0] * w.shape[1] * w.element_size()
+                       for w in weights)
+            with_pieces += bool(getattr(real, "pieces", ()))
+        checked += 1
+    assert with_pieces >= 40
+
+
+def test_the_structure_refuses_what_compose_refuses_with_the_same_reason() -> None:
+    gen = torch.Generator().manual_seed(22)
+    a, b, c = (conv(4, 4, 3, p=1, gen=gen) for _ in range(3))
+    ab = border.compose(a, b, (8, 8))
+    mapped = replace(a, bias_map=torch.zeros(4, 3, 3, dtype=D))
+    cases = [(ab, c, (8, 8), False), (ab, c, (8, 8), True), (a, conv(8, 4, 3, p=1, gen=gen), (8, 8), False),
+             (mapped, b, (8, 8), False), (a, b, None, False)]
+    for x, y, hw, inexact in cases:
+        real = _outcome(border.compose, x, y, hw, inexact)
+        assert isinstance(real, tuple) and _outcome(border.structure, x, y, hw, inexact) == real
+
+
+def test_the_structure_finds_the_groups_the_composed_weights_have() -> None:
+    """Grouped 1x1 (2 groups) -> depthwise 3x3 -> grouped 1x1 (4 groups): the composed weights are
+    block-diagonal with 2 groups (``_refine``); the structure, composed the same way from channel
+    links, finds them too, and so does a pair whose dense weights are block-diagonal by zeros."""
+    gen = torch.Generator().manual_seed(21)
+    a, b, c = conv(8, 16, 1, g=2, gen=gen), conv(16, 16, 3, p=1, g=16, gen=gen), conv(16, 8, 1, g=4, gen=gen)
+    real = border.compose(border.compose(a, b, (6, 6)), c, (6, 6))
+    shape_only = border.structure(border.structure(a, b, (6, 6)), c, (6, 6))
+    assert real.groups == shape_only.groups == 2 and _layout(real) == _layout(shape_only)
+    d, e = conv(8, 8, 3, p=1, gen=gen), conv(8, 8, 3, p=1, gen=gen)
+    d.weight[:4, 4:] = 0
+    d.weight[4:, :4] = 0
+    e.weight[:4, 4:] = 0
+    e.weight[4:, :4] = 0
+    real, shape_only = border.compose(d, e, (5, 7)), border.structure(d, e, (5, 7))
+    assert real.main.groups == shape_only.main.groups == 2 and _layout(real) == _layout(shape_only)

@@ -16,6 +16,7 @@ import nepenthe_compress as nc
 from nepenthe_compress.archs import build_model
 from nepenthe_compress.checkpoint import load_checkpoint, save_checkpoint
 from nepenthe_compress.export import export_onnx, export_pt2
+from nepenthe_compress.fold import algebra as A
 from nepenthe_compress.fold.metrics import count_macs
 from nepenthe_compress.fold.modules import BorderConv2d
 from nepenthe_compress.onnx_depth import onnx_depth
@@ -86,6 +87,24 @@ def test_auto_keeps_the_pair_where_the_cost_model_predicts_no_gain() -> None:
     assert len(weighted(f)) == 2 and not any(isinstance(w, BorderConv2d) for w in weighted(f))
     assert events(f, "skip") == ["conv2: merge with conv1 skipped: cost model predicts no gain"]
     assert_exact(m, f, x)
+
+
+def test_the_planner_prices_from_structure_and_composes_only_the_merges_it_makes(monkeypatch) -> None:
+    """Pricing a candidate multiplies no weights (only 1x1 channel links): under auto the kept pair
+    costs no weight products at all; under all the chosen pair is composed once, with them."""
+    real, products = A.tap_products, []
+
+    def spy(a, b):
+        products.append((a.kernel_size, b.kernel_size))
+        return real(a, b)
+
+    monkeypatch.setattr(A, "tap_products", spy)
+    m, x = on_block(c=16)
+    assert len(weighted(fold(m, x, merge="auto"))) == 2
+    assert products and set(products) == {((1, 1), (1, 1))}
+    products.clear()
+    assert len(weighted(fold(m, x, merge="all"))) == 1
+    assert products.count(((3, 3), (3, 3))) == 1 and set(products) == {((1, 1), (1, 1)), ((3, 3), (3, 3))}
 
 
 def test_a_border_conv_refuses_another_input_size() -> None:

@@ -5,12 +5,13 @@ dynamic programme picks the partition into merged segments with the lowest total
 (``GraphRewriter.price``, the driver's cost model under the ``--merge`` mode); segments whose merge
 is not exact are infeasible unless the user opted in to border-inexact merges (a padded conv into a
 zero-padded conv is exact with a border correction, ``fold.border``; a segment of three or more
-such convs is not). Conv-like layers that cannot merge at all (ConvTranspose, non-zero padding
-modes) next to a layer are reported.
+such convs is not). Candidates are priced from their structure (``STRUCTURES``: shapes, groups and
+pieces, no weights, which is all a cost model reads); only the chosen segments are composed. Conv-like
+layers that cannot merge at all (ConvTranspose, non-zero padding modes) next to a layer are reported.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -31,8 +32,23 @@ class Refusal:
 @dataclass
 class Segment:
     nodes: list[fx.Node]
-    spec: ops.Spec
+    spec: ops.Spec      # the merged layer (a structure-only stand-in while it is being priced)
     inexact: bool
+
+
+def _conv_structure(a: border.Conv, b: border.Conv, shape: ops.Shape, inexact: bool) -> border.Conv:
+    return border.structure(a, b, (int(shape[-2]), int(shape[-1])), inexact)
+
+
+def _linear_structure(a: A.LinearSpec, b: A.LinearSpec, shape: ops.Shape, inexact: bool) -> A.LinearSpec:
+    return A.LinearSpec(border.stand_in((b.weight.shape[0], a.weight.shape[1]), a.weight.dtype), b.bias)
+
+
+# Per layer kind: its ``compose`` without the weights (same type, shapes, groups, refusals), for
+# pricing; kinds not listed are priced on their real composition.
+STRUCTURES: dict[str, Callable[[ops.Spec, ops.Spec, ops.Shape, bool], ops.Spec]] = {
+    ops.CONV2D.name: _conv_structure, ops.BORDER_CONV2D.name: _conv_structure, ops.LINEAR.name: _linear_structure,
+}
 
 
 def find_chains(rw: GraphRewriter) -> list[list[fx.Node]]:
@@ -70,34 +86,45 @@ def match(rw: GraphRewriter) -> Iterator[Refusal | list[fx.Node]]:
     yield from find_chains(rw)
 
 
-def _composed(rw: GraphRewriter, nodes: list[fx.Node], allow_inexact: bool) -> ops.Spec:
-    """The layers of ``nodes`` composed in order; ``NotExact`` names the pair that refused."""
+def _composed(rw: GraphRewriter, nodes: list[fx.Node], allow_inexact: bool, weights: bool) -> ops.Spec:
+    """The layers of ``nodes`` composed in order (``weights=False``: the structure only);
+    ``NotExact`` names the pair that refused."""
     kind = ops.layer_kind(rw.gm, nodes[0])
+    merge = kind.compose if weights else STRUCTURES.get(kind.name, kind.compose)
     spec = ops.spec_of(rw.gm, nodes[0])
     shape = rw.shape(ops.only_input(nodes[0]))
     for prev, node in zip(nodes, nodes[1:]):
         try:
-            spec = kind.compose(spec, ops.spec_of(rw.gm, node), shape, allow_inexact)
+            spec = merge(spec, ops.spec_of(rw.gm, node), shape, allow_inexact)
         except A.NotExact as e:
             raise type(e)(f"{rw.label(prev)} -> {rw.label(node)}: {e}") from e
     return spec
 
 
-def compose(rw: GraphRewriter, nodes: list[fx.Node]) -> Segment | str:
+def compose(rw: GraphRewriter, nodes: list[fx.Node], weights: bool = True) -> Segment | str:
     """The merged segment (exact: border-corrected where a padded conv feeds a padded conv), or
     why it cannot be merged; with ``--allow-inexact`` a segment refused as border-inexact (three or
-    more padded convs) is composed without correction instead."""
+    more padded convs) is composed without correction instead. ``weights=False``: its structure
+    only (``STRUCTURES``), enough to price it."""
     try:
-        return Segment(nodes, _composed(rw, nodes, False), False)
+        return Segment(nodes, _composed(rw, nodes, False, weights), False)
     except A.BorderInexact as e:
         if not rw.options.allow_inexact:
             return str(e)
     except A.NotExact as e:
         return str(e)
     try:
-        return Segment(nodes, _composed(rw, nodes, True), True)
+        return Segment(nodes, _composed(rw, nodes, True, weights), True)
     except A.NotExact as e:
         return str(e)
+
+
+def _built(rw: GraphRewriter, priced: Segment) -> Segment:
+    """A chosen segment composed with its weights (after it was priced from its structure)."""
+    seg = compose(rw, priced.nodes)
+    if isinstance(seg, str) or seg.inexact != priced.inexact:
+        raise RuntimeError(f"internal error: the priced merge {rw.label(priced.nodes[-1])} does not compose alike")
+    return seg
 
 
 def partition(rw: GraphRewriter, chain: list[fx.Node]) -> list[Segment]:
@@ -108,7 +135,7 @@ def partition(rw: GraphRewriter, chain: list[fx.Node]) -> list[Segment]:
     for i in range(n):
         priced[i, i] = (rw.price(ops.spec_of(rw.gm, chain[i]), shapes[i]), None)
         for j in range(i + 1, n):
-            seg = compose(rw, chain[i:j + 1])
+            seg = compose(rw, chain[i:j + 1], weights=False)
             if isinstance(seg, str):
                 if j == i + 1:
                     rw.record("skip", rw.label(chain[j]), f"merge skipped: {seg}")
@@ -129,7 +156,7 @@ def partition(rw: GraphRewriter, chain: list[fx.Node]) -> list[Segment]:
         if (i, i + 1) in priced and i not in chosen:
             rw.record("skip", rw.label(chain[i + 1]),
                       f"merge with {rw.label(chain[i])} skipped: cost model predicts no gain")
-    return [priced[i, k][1] for i, k in reversed(segments) if k > i]
+    return [_built(rw, priced[i, k][1]) for i, k in reversed(segments) if k > i]
 
 
 def plan(rw: GraphRewriter, candidate: Refusal | list[fx.Node]) -> list[Segment] | None:
@@ -167,4 +194,5 @@ MERGE_CHAINS = Rewrite(
               "only with --allow-inexact (error measured)",
     tests="tests/fold/test_merge_chains.py",
     match=match, plan=plan, apply=apply,
-    cost="dynamic programme over segment prices (price(merged segment) per chain)", enabled=merging)
+    cost="dynamic programme over segment prices (price of each candidate's structure: shapes, groups, "
+         "pieces, no weights; only the chosen segments are composed)", enabled=merging)
