@@ -207,8 +207,8 @@ class MomentSums:
 
     def add(self, z: Tensor) -> None:
         low, high = z.amin(2).amin(0).double(), z.amax(2).amax(0).double()
-        total = z.sum(2).sum(0).double()
-        squares = torch.linalg.vector_norm(z, dim=(0, 2)).double() ** 2
+        total = z.sum(2).double().sum(0)
+        squares = (torch.linalg.vector_norm(z, dim=2).double() ** 2).sum(0)
         if self.low is None:
             self.low, self.high, self.total, self.squares = low, high, total, squares
         else:
@@ -260,7 +260,7 @@ class EntropyMeter:
     ``moments``: also record each neuron's min / max / mean / std (margins, see ``certify``).
     """
 
-    def __init__(self, model: nn.Module, leaf_modules: Iterable[type | str] = (), moments: bool = True) -> None:
+    def __init__(self, model: nn.Module, leaf_modules: Iterable[type | str] = (), moments: bool = False) -> None:
         self.gm = trace_model(model, leaf_modules)
         self.sites = find_sites(self.gm)
         self.probes = instrument(self.gm, self.sites, moments)
@@ -296,14 +296,15 @@ class EntropyMeter:
 
 def measure_entropy(model: nn.Module, batches: Iterable[Tensor], *, progress: bool = False,
                     reduce: Callable[[Tensor], Tensor] | None = None,
-                    leaf_modules: Iterable[type | str] = (), moments: bool | None = None) -> EntropyReport:
+                    leaf_modules: Iterable[type | str] = (), moments: bool = False) -> EntropyReport:
     """Count neuron states of every rectifier site of ``model`` over ``batches`` (eval mode).
 
     ``reduce`` is applied to each int64 count table before the report is built (e.g. a
-    distributed all-reduce SUM), and to the sample count. ``moments`` (default: when there is no
-    ``reduce``) also records each neuron's min / max / mean / std of the pre-activation.
+    distributed all-reduce SUM), and to the sample count. ``moments`` also records each neuron's
+    min / max / mean / std of the pre-activation (margins, see ``certify``; about twice the probes'
+    cost, so off by default; never kept under a ``reduce``).
     """
-    meter = EntropyMeter(model, leaf_modules, reduce is None if moments is None else moments)
+    meter = EntropyMeter(model, leaf_modules, moments)
     for x in _progress(batches, progress):
         meter.update(x)
     return meter.report(reduce)

@@ -247,7 +247,7 @@ def verify_sites(model: nn.Module, batches: Iterable[Tensor], relied: Mapping[st
     from nepenthe_compress.certify import check_relied
     from nepenthe_compress.entropy import EntropyMeter
 
-    meter = EntropyMeter(model, leaf_modules)
+    meter = EntropyMeter(model, leaf_modules, moments=True)
     for x in batches:
         meter.update(x)
     return check_relied(meter.report(), meter.sites, relied)

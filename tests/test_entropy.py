@@ -418,7 +418,8 @@ def test_moments_per_neuron_streamed_over_batches() -> None:
     with torch.no_grad():
         model[0].bias.add_(3.0)                         # |mean| > std: sums must not cancel badly
     x = torch.randn(9, 3, 8, 8)
-    report = measure_entropy(model, [x[:2], x[2:5], x[5:]])
+    report = measure_entropy(model, [x[:2], x[2:5], x[5:]], moments=True)
+    assert all(s.moments is None for s in measure_entropy(model, [x]).sites)   # off by default
     for stats, (_, z, _), axis in zip(report.sites, capture(model, x, (nn.ReLU, nn.ReLU6)), (1, 1)):
         rows = neuron_rows(z.numpy().astype(np.float64), axis if z.dim() == 4 else -1)
         m = stats.moments
@@ -453,7 +454,7 @@ def test_figure_with_a_margin_splits_off_uncertain_neurons_and_shows_the_bound()
 
 def engineered_report():
     torch.manual_seed(7)
-    return measure_entropy(Engineered().eval(), [torch.randn(2, 3, 6, 6)])
+    return measure_entropy(Engineered().eval(), [torch.randn(2, 3, 6, 6)], moments=True)
 
 
 def test_figure_bars_and_line_match_the_counts() -> None:

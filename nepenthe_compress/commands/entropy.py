@@ -110,7 +110,7 @@ def entropy(ckpt: str, load: LoadOptions, calib: str | None, input_shape: tuple[
     data = resolve_inputs(calib, meta, where=ckpt, limit=limit, models=[loaded.model])
     ui.step(f"measuring neuron states on {len(data)} samples")
     report = measure_entropy(loaded.model, list(iter_batches(data.x, batch_size)), progress=ui.bars,
-                             leaf_modules=leaf)
+                             leaf_modules=leaf, moments=True)
     margin = DEFAULT_MARGIN if margin is None else margin
     ui.show(entropy_table(report, margin), json_path)
     if linear := loaded.meta.get("linearised_sites"):

@@ -167,7 +167,7 @@ def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSet
     model = model.eval()
     progress(f"measuring neuron states on {len(calib)} samples")
     states = measure_entropy(model, list(iter_batches(calib.x, settings.batch_size)),
-                             leaf_modules=settings.leaf_modules)
+                             leaf_modules=settings.leaf_modules, moments=True)
     held_states = measure_entropy(model, list(iter_batches(held.x, settings.batch_size)),
                                   leaf_modules=settings.leaf_modules)
     cert = certify(states, held_states, settings.margin, settings.max_flip_rate)
