@@ -1,19 +1,20 @@
 """Depth merges with border correction: onnxruntime CPU latency of a depth-merged ResNet.
 
-torchvision resnet18 (random weights, seed 0, 10 classes, input 3x32x32) with every BasicBlock's
-inner ReLU engineered always ON (bn1: gamma 0.01, beta 5), so every block is linear inside. Folded
-three ways through the Python API (channels kept, so only the merges differ):
+torchvision resnet18 or resnet34 (random weights, seed 0, 10 classes, input 3x32x32) with every
+BasicBlock's inner ReLU engineered always ON (bn1: gamma 0.01, beta 5), so every block is linear
+inside. Folded two ways through the Python API (channels kept, so only the merges differ):
 
-- ``auto``: merges where the analytic cost model predicts a gain (on CPU it keeps the 3x3 pairs:
-  a 5x5 does more MACs than two 3x3s), BN folded, sites linearised;
-- ``all``: every block merged with its border correction and shortcut (depth 18 -> 10).
+- ``auto``: merges where fold's cost model (``--cost``: ``measured``, each candidate timed alone in
+  onnxruntime on this CPU and cached, or ``flops``) predicts a gain; BN folded, sites linearised;
+- ``all``: every block merged with its border correction and shortcut (resnet18 depth 18 -> 10,
+  resnet34 34 -> 18).
 
 Every ONNX file is timed with ``nepenthe_compress.bench.compare_latency``: 2 threads, batch 1 and
 32, all models interleaved in every repeat, fixed input seed, medians with the interquartile range
 of the repeats. Also printed: the ONNX depth, the MAC ratio original / model and the max relative
 error of onnxruntime (float32) against the original torch model.
 
-    python benchmarks/depth_merge.py [--repeats 40] [--threads 2] [--arch resnet18]
+    python benchmarks/depth_merge.py [--arch resnet18|resnet34] [--repeats 40] [--threads 2] [--cost measured]
 """
 from __future__ import annotations
 
@@ -42,14 +43,15 @@ def engineered(arch: str) -> torch.nn.Module:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--arch", default="resnet18", choices=("resnet18", "resnet34"))
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cost", default="measured", choices=("measured", "flops"))
     args = p.parse_args()
 
     model = engineered(args.arch)
     x = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    results = {mode: nc.fold(copy.deepcopy(model), x, merge=mode, pt2=False, drop_channels=False)
+    results = {mode: nc.fold(copy.deepcopy(model), x, merge=mode, pt2=False, drop_channels=False, cost=args.cost)
                for mode in ("auto", "all")}
     paths = {"original": results["all"].files["original_onnx"],
              **{mode: r.files["onnx"] for mode, r in results.items()}}
@@ -60,7 +62,7 @@ def main() -> None:
                             seed=0)
 
     print(f"{args.arch} 3x32x32, onnxruntime CPU, {args.threads} threads, {args.repeats} interleaved repeats "
-          f"(median, IQR)")
+          f"(median, IQR); auto priced by --cost {args.cost}")
     print(f"{'model':9} {'depth':>5} {'MACs':>12} {'MAC ratio':>9} {'max rel err':>11} {'batch':>5} "
           f"{'median ms':>10} {'IQR ms':>8} {'speed-up':>8}")
     for row in table.rows:
