@@ -250,15 +250,13 @@ def compose_corrected(a: A.ConvSpec, b: A.ConvSpec, in_hw: Pair, weights: bool =
 
 # ---- structure only: what a cost model prices ------------------------------------------------------
 
-def stand_in(shape: Sequence[int], dtype: torch.dtype, value: float = 0.0) -> Tensor:
-    """A tensor of ``shape`` holding ``value`` everywhere, without the memory (an expanded scalar):
-    the weight of a structure-only spec."""
-    return torch.full((), value, dtype=dtype).expand(*shape)
+def stand_in(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """Zeros of ``shape`` without the memory (an expanded scalar): a structure-only spec's weight."""
+    return torch.zeros((), dtype=dtype).expand(*shape)
 
 
 def _links(conv: A.ConvSpec) -> A.ConvSpec:
-    """``conv`` as a 1x1 conv of 0/1 weights: which inputs reach which outputs (float32, exact
-    counts below 2^24 mid channels)."""
+    """``conv`` as a 1x1 conv of 0/1 weights: which inputs reach which outputs."""
     return replace(conv, weight=conv.weight.ne(0).any((2, 3), keepdim=True).float())
 
 
