@@ -12,7 +12,6 @@
   (1 - p)^n >= 1 - confidence, so p <= 1 - (1 - confidence)^(1/n), about 3/n at 95 % (the "rule of
   three", ``flip_bound``); per site with n = samples x positions, for the whole model with n = the
   input samples on which every relied-on state held.
-
 - **New data.** ``check_relied`` compares the states a fold relied on (its report's
   ``certification.sites[*].states``) with those measured on any data, per site: neurons and
   elements that flipped, and the largest error the linear maps make there (``relied_error``).
@@ -158,9 +157,6 @@ class Certification:
         if self.flipped and not self.excluded:
             return None
         return flip_bound(self.samples)
-
-    def flipped_sites(self) -> list[str]:
-        return [s.target for s in self.sites if s.flipped]
 
     def to_dict(self) -> dict:
         return {"margin": self.margin, "confidence": CONFIDENCE, "max_flip_rate": self.max_flip_rate,
