@@ -169,7 +169,7 @@ def render(r: FoldReport) -> list[Table | Text]:
     for row in r.latency.rows if r.latency else ():
         if row.model == "folded":
             t.add_row(f"latency batch {row.batch}", f"{row.median_s * 1e3:.3f} ms ({row.speedup:.2f}x vs original)")
-    if r.planner and r.planner.cost == "measured":
+    if r.planner and r.planner.cost == "measured" and r.planner.layers_timed + r.planner.layers_cached:
         t.add_row("planner", f"measured: {r.planner.layers_timed} layer(s) timed, "
                              f"{r.planner.layers_cached} priced from the cache")
     if r.guard:
