@@ -53,7 +53,7 @@ def choose_variant(original: dict[int, Timing], variants: dict[str, dict[int, Ti
               for name, times in variants.items()}
     ok = [name for name in variants if not slower[name]]
     if planned in ok:
-        chosen, reason = planned, f"{planned}: not slower than the original at any batch size"
+        chosen, reason = planned, "the plan is not slower than the original at any batch size"
     elif ok:
         chosen = max(ok, key=lambda n: _geomean(list(speedups[n].values())))
         batches = ", ".join(map(str, slower[planned]))
