@@ -170,3 +170,29 @@ def test_a_checkpoint_with_k_linear_block_internal_sites_loses_k_layers(tmp_path
     assert r.layers_removed.removed == 3 and r.sites.linear_in_checkpoint == sites
     check = compare_runners(torch_runner(loaded.model), onnx_runner(result.files["onnx"]), [x])
     assert check.max_rel <= EXACT, check.max_rel
+
+
+def test_a_checkpoint_made_by_prune_easier_loses_one_layer_per_linear_block_internal_site(tmp_path) -> None:
+    """A real ``prune --method easier`` run (MNIST-5k subset, tiny cifar_resnet18, one epoch per round):
+    ``fold --merge all`` removes exactly one layer per block-internal site EASIER made linear (the
+    first ReLU of a BasicBlock, ``layerX_Y_relu``), whatever sites the run picked."""
+    import re
+
+    from nepenthe_compress.prune.run import PruneConfig, run_prune
+
+    run_prune(PruneConfig(data="mnist", arch="cifar_resnet18", arch_kwargs={"width": 0.125, "in_channels": 1},
+                          method="easier", out_dir=tmp_path / "run", rounds=5, epochs=1, finetune_epochs=1,
+                          limit=600))
+    loaded = load_checkpoint(tmp_path / "run" / "final.pt")
+    sites = loaded.meta["linearised_sites"]
+    internal = [s for s in sites if re.fullmatch(r"layer\d_\d_relu", s)]
+    assert internal, f"the run linearised no block-internal site ({sites}): nothing to check"
+    result = nc.fold(loaded, "mnist", merge="all", pt2=False, limit=600)
+    r = result.report
+    assert (r.depth.before, r.depth.after) == (18, 18 - len(internal))
+    assert r.layers_removed.removed == len(sites)
+    from nepenthe_compress.data import load_data
+
+    x = load_data("mnist", limit=600).x[:64]   # among the samples fold calibrated and checked on
+    check = compare_runners(torch_runner(loaded.model), onnx_runner(result.files["onnx"]), [x])
+    assert check.max_rel <= EXACT, check.max_rel
