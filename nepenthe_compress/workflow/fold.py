@@ -182,45 +182,16 @@ def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSet
         folder = Path(workdir.name)
         options = variants_to_time(settings.options) if settings.bench else {"planned": settings.options}
         cost = settings.cost_model()
-        built: dict[str, _Built] = {}
-        same_as: dict[str, str] = {}      # a variant whose fold is the same model as an earlier one's
-        for i, (name, opts) in enumerate(options.items()):
-            progress(f"folding ({name})" if settings.bench else "folding")
-            folded = fold_graph(model, cert.states, example, opts, settings.leaf_modules, cost)
-            twin = next((n for n, b in built.items() if same_model(b.folded.model, folded.model)), None)
-            if twin is not None:
-                same_as[name] = twin
-                continue
-            # the planned fold must pass every check; a fallback only the fatal ones (rerun in full if chosen)
-            checks = settings.checks if i == 0 else tuple(c for c in settings.checks if c.fatal)
-            try:
-                built[name] = _build(folded, example, replace(ctx), checks, folder / f"v{i}",
-                                     progress if i == 0 else _silent)
-            except UserError:   # a fallback that fails a check or cannot be exported is not a candidate
-                if i == 0:
-                    raise
+        built, same_as = _fold_variants(model, cert.states, example, options, settings, ctx, cost, folder, progress)
         if isinstance(cost, MeasuredCost):
             cost.cache.save()
-        planner = Planner.of(cost)
         original_onnx = folder / "original.onnx"
         progress("exporting the original to ONNX")
         cached_export(trace_model(model, settings.leaf_modules), example, original_onnx)
-        planned = next(iter(built))
-        chosen, guard, latency = planned, None, None
+        chosen, guard, latency = next(iter(built)), None, None
         if settings.bench:
-            progress(f"timing {len(built)} variant(s) against the original in onnxruntime ({settings.runtime.provider})")
-            latency = compare_latency({"original": original_onnx, **{n: b.onnx for n, b in built.items()}},
-                                      tuple(calib.x.shape[1:]), settings.bench_batches, settings.runtime.threads,
-                                      repeats=settings.bench_repeats, provider=settings.runtime.provider)
-            guard = _guard(latency, built, same_as, model, example, planned, settings)
-            chosen = guard.chosen
-            if chosen != planned:
-                progress(f"checking the fallback ({chosen})")
-                fallback = built[chosen]
-                full = replace(ctx, folded=fallback.folded.model, onnx_path=fallback.onnx)
-                built[chosen] = replace(fallback, outcomes=[*run_checks(settings.checks, full, Stage.FOLDED),
-                                                            *run_checks(settings.checks, full, Stage.EXPORTED)])
-            latency = _rename(latency, chosen)
+            chosen, guard, latency = _time_and_choose(built, same_as, original_onnx, model, example, settings, ctx,
+                                                      progress)
         result = built[chosen]
         files = {"onnx": result.onnx, "original_onnx": original_onnx}
         if settings.pt2:
@@ -239,13 +210,57 @@ def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSet
             params=BeforeAfter(onnx_param_count(original_onnx), onnx_param_count(files["onnx"])),
             macs=BeforeAfter(count_macs(model, example), count_macs(folded.model, example)),
             equivalence=Equivalence(exact, tol if exact else None, tol, noise, result.outcomes),
-            latency=latency, guard=guard, planner=planner, entropy=states, certification=cert,
+            latency=latency, guard=guard, planner=Planner.of(cost), entropy=states, certification=cert,
             checkpoint_notes=list(origin.notes), checkpoint_warnings=list(origin.warnings))
     except BaseException:
         workdir.cleanup()
         raise
     stem = stem_of(origin.checkpoint) if origin.checkpoint else "model"
     return FoldResult(folded.model, report, stem, files, workdir)
+
+
+def _fold_variants(model: nn.Module, states, example, options: dict[str, FoldOptions], settings: FoldSettings,
+                   ctx: CheckContext, cost: CostModel, folder: Path,
+                   progress: Progress) -> tuple[dict[str, _Built], dict[str, str]]:
+    """Fold, check and export each variant (the planned one first: it must pass every check, a
+    fallback only the fatal ones, else it is no candidate); a variant folding to the same model as an
+    earlier one is recorded as its twin instead."""
+    built: dict[str, _Built] = {}
+    same_as: dict[str, str] = {}
+    for i, (name, opts) in enumerate(options.items()):
+        progress(f"folding ({name})" if settings.bench else "folding")
+        folded = fold_graph(model, states, example, opts, settings.leaf_modules, cost)
+        twin = next((n for n, b in built.items() if same_model(b.folded.model, folded.model)), None)
+        if twin is not None:
+            same_as[name] = twin
+            continue
+        checks = settings.checks if i == 0 else tuple(c for c in settings.checks if c.fatal)
+        try:
+            built[name] = _build(folded, example, replace(ctx), checks, folder / f"v{i}", progress if i == 0 else _silent)
+        except UserError:
+            if i == 0:
+                raise
+    return built, same_as
+
+
+def _time_and_choose(built: dict[str, _Built], same_as: dict[str, str], original_onnx: Path, model: nn.Module,
+                     example, settings: FoldSettings, ctx: CheckContext,
+                     progress: Progress) -> tuple[str, GuardReport, LatencyTable]:
+    """The speed guard: time every built variant against the original, choose (``FoldError`` when no
+    variant may be written), run every check on a chosen fallback."""
+    progress(f"timing {len(built)} variant(s) against the original in onnxruntime ({settings.runtime.provider})")
+    latency = compare_latency({"original": original_onnx, **{n: b.onnx for n, b in built.items()}},
+                              tuple(ctx.calib.shape[1:]), settings.bench_batches, settings.runtime.threads,
+                              repeats=settings.bench_repeats, provider=settings.runtime.provider)
+    planned = next(iter(built))
+    guard = _guard(latency, built, same_as, model, example, planned, settings)
+    if guard.chosen != planned:
+        progress(f"checking the fallback ({guard.chosen})")
+        fallback = built[guard.chosen]
+        full = replace(ctx, folded=fallback.folded.model, onnx_path=fallback.onnx)
+        built[guard.chosen] = replace(fallback, outcomes=[*run_checks(settings.checks, full, Stage.FOLDED),
+                                                          *run_checks(settings.checks, full, Stage.EXPORTED)])
+    return guard.chosen, guard, _rename(latency, guard.chosen)
 
 
 def _build(folded: FoldedGraph, example, ctx: CheckContext, checks: tuple[Check, ...],
