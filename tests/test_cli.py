@@ -30,6 +30,24 @@ def test_help_lists_every_verb_without_importing_torch() -> None:
         assert f"  {name} " in out
 
 
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_every_verbs_help_imports_neither_torch_nor_onnxruntime(verb: str) -> None:
+    code = ("import sys\nfrom nepenthe_compress.cli import main\n"
+            f"try:\n    main([{verb!r}, '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('heavy' if {'torch', 'onnxruntime'} & set(sys.modules) else 'light')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert out.strip().endswith("light") and "Usage:" in out
+
+
+def test_the_light_prune_catalog_names_what_prune_implements() -> None:
+    from nepenthe_compress.prune import METHODS
+    from nepenthe_compress.prune.catalog import METHOD_SUMMARIES, SCHEDULE_NAMES
+    from nepenthe_compress.prune.train import SCHEDULES
+
+    assert list(METHODS) == list(METHOD_SUMMARIES) and set(SCHEDULES) == set(SCHEDULE_NAMES)
+    assert all(METHODS[n].summary == s for n, s in METHOD_SUMMARIES.items())
+
+
 
 
 # ---- conventions: one-line errors, missing inputs at once, -o/--output, --quiet/--verbose, colour -------

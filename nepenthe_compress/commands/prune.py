@@ -32,9 +32,9 @@ ARCH_NEED = Need("--arch NAME (or --init CKPT)", lambda given: not {"arch", "ini
 
 
 def _describe_methods() -> str:
-    from nepenthe_compress.prune import METHODS
+    from nepenthe_compress.prune.catalog import METHOD_SUMMARIES
 
-    return "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
+    return "; ".join(f"{name}: {summary}" for name, summary in METHOD_SUMMARIES.items())
 
 
 def check_run_folder(out_dir: Path, force: bool) -> None:
@@ -77,7 +77,7 @@ def render(result: PruneResult) -> Table:
 @arch_kwargs_option
 @click.option("--data", required=True, metavar="SRC",
               help="Labelled training data: file.npz/.pt with x and y, an ImageFolder dir, cifar10:ROOT, or 'mnist'.")
-@click.option("--method", cls=RegistryOption, type=RegistryChoice("nepenthe_compress.prune.methods:METHODS"),
+@click.option("--method", cls=RegistryOption, type=RegistryChoice("nepenthe_compress.prune.catalog:METHOD_SUMMARIES"),
               default="nepenthe", show_default=True, describe=_describe_methods)
 @click.option("--zeta", type=float, default=0.5, show_default=True,
               help="Fraction of the remaining weights removed per round (nepenthe, imp).")
@@ -90,7 +90,7 @@ def render(result: PruneResult) -> Table:
 @click.option("--finetune-epochs", type=int, default=None, help="Retraining epochs per round [default: --epochs].")
 @click.option("--lr", type=float, default=0.05, show_default=True, help="SGD learning rate (momentum 0.9).")
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
-@click.option("--schedule", type=RegistryChoice("nepenthe_compress.prune.train:SCHEDULES"), default="cosine",
+@click.option("--schedule", type=RegistryChoice("nepenthe_compress.prune.catalog:SCHEDULE_NAMES"), default="cosine",
               show_default=True, help="Learning-rate schedule of each training phase.")
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Global batch size (split over processes).")
 @click.option("--seed", type=int, default=0, show_default=True)

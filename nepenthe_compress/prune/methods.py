@@ -14,6 +14,7 @@ from torch import Tensor
 
 from nepenthe_compress.entropy import EntropyReport
 from nepenthe_compress.prune.budget import global_magnitude_counts, nepenthe_budget, prune_amount, target_cap
+from nepenthe_compress.prune.catalog import METHOD_SUMMARIES
 from nepenthe_compress.prune.masks import sparsity, surviving, weight_name
 
 
@@ -109,8 +110,7 @@ class Method:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("nepenthe", nepenthe_step, True,
-           "NEPENTHE/EGP: entropy-guided per-layer budget, zero-entropy sites linearised"),
-    Method("imp", imp_step, True, "iterative global magnitude pruning"),
-    Method("easier", easier_step, False, "EASIER: linearise the lowest-entropy site per round"),
+    Method("nepenthe", nepenthe_step, True, METHOD_SUMMARIES["nepenthe"]),
+    Method("imp", imp_step, True, METHOD_SUMMARIES["imp"]),
+    Method("easier", easier_step, False, METHOD_SUMMARIES["easier"]),
 )}
