@@ -647,14 +647,20 @@ def training_split(meta: Mapping) -> tuple[int, int, int] | None:
 
 def untrained_part(ds: Dataset, meta: Mapping, limit: int | None = None) -> Dataset:
     """The samples of ``ds`` (a checkpoint's own data) that the checkpoint did not train on: prune's
-    held-out split, rebuilt from the recorded sizes and seed; all of ``ds`` (and ``part`` says why)
-    when the sizes do not add up to ``len(ds)``. ``limit`` then keeps a fixed random subset."""
+    held-out split, rebuilt from the recorded sizes and seed (from the same fixed subset ``load_data``'s
+    ``limit`` picks when prune ran on fewer samples than ``ds`` has); all of ``ds`` (and ``part`` says
+    why) when the data holds fewer samples than recorded. ``limit`` then keeps a fixed random subset."""
     recorded = training_split(meta)
+    subset = ""
+    if recorded is not None and recorded[0] + recorded[1] < len(ds):   # prune ran with --limit: its subset
+        keep = torch.from_numpy(_pick(len(ds), recorded[0] + recorded[1]))
+        ds = Dataset(ds.x[keep], None if ds.y is None else ds.y[keep], ds.spec, ds.part)
+        subset = f" of its {len(ds)}-sample subset"
     if recorded is not None and recorded[0] + recorded[1] == len(ds):
         train, hold, seed = recorded
         _, unseen = split(ds, hold / len(ds), seed)
-        part = Dataset(unseen.x, unseen.y, ds.spec,
-                       f"the {hold} samples the checkpoint did not train on (prune's held-out split, seed {seed})")
+        part = Dataset(unseen.x, unseen.y, ds.spec, f"the {hold} samples the checkpoint did not train on "
+                                                    f"(prune's held-out split{subset}, seed {seed})")
     else:
         total = "?" if recorded is None else recorded[0] + recorded[1]
         part = replace(ds, part=f"all {len(ds)} samples (the checkpoint trained on a split of {total} samples)")

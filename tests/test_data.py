@@ -830,3 +830,34 @@ def test_channels_meets_the_input_shape(tmp_path: Path) -> None:
 def test_channels_errors(tmp_path: Path, x: np.ndarray, channels, match: str) -> None:
     np.savez(tmp_path / "d.npz", x=x)
     data_error(str(tmp_path / "d.npz"), match, channels=channels)
+
+
+# ---- the part of a checkpoint's data it did not train on ------------------------------------------------
+
+def _labelled(tmp_path: Path, n: int = 50) -> Path:
+    g = np.random.default_rng(0)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=g.standard_normal((n, 1, 4, 4)).astype(np.float32), y=g.integers(0, 3, n))
+    return path
+
+
+@pytest.mark.parametrize(("limit", "seed"), [(None, 3), (40, 0), (17, 5)])
+def test_untrained_part_is_the_held_out_split_prune_made(tmp_path: Path, limit, seed) -> None:
+    """prune loads its data (with --limit, if given), splits it with its seed and records the sizes;
+    fold, given all of the data, must find exactly prune's held-out samples."""
+    from nepenthe_compress.data import load_data, split, untrained_part
+
+    path = _labelled(tmp_path)
+    train, held = split(load_data(str(path), limit=limit), 0.2, seed=seed)      # what prune did
+    meta = {"train_samples": len(train), "holdout_samples": len(held), "seed": seed}
+    got = untrained_part(load_data(str(path)), meta)
+    assert torch.equal(got.x, held.x) and torch.equal(got.y, held.y)
+    assert got.part.startswith(f"the {len(held)} samples the checkpoint did not train on")
+
+
+def test_untrained_part_of_data_smaller_than_recorded_is_all_of_it(tmp_path: Path) -> None:
+    from nepenthe_compress.data import load_data, untrained_part
+
+    ds = load_data(str(_labelled(tmp_path, 30)))
+    got = untrained_part(ds, {"train_samples": 40, "holdout_samples": 10, "seed": 0})
+    assert torch.equal(got.x, ds.x) and got.part == "all 30 samples (the checkpoint trained on a split of 50 samples)"
