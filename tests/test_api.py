@@ -173,3 +173,15 @@ def test_every_event_action_the_fold_pass_records_is_typed() -> None:
     sources = "".join(p.read_text() for p in (ROOT / "nepenthe_compress" / "fold").rglob("*.py"))
     recorded = set(re.findall(r"\brecord\(\"(\w+)\"", sources))
     assert {"linearise", "merge", "skip"} <= recorded <= {a.value for a in EventAction}
+
+
+def test_a_model_whose_outputs_are_all_zero_is_flagged() -> None:
+    """Equivalence with an all-zero output proves nothing: the report says so."""
+    model = small_model()
+    with torch.no_grad():
+        model[5].weight.zero_()
+        model[5].bias.zero_()
+    r = nc.fold(model, X, pt2=False, cost="flops").report
+    assert any("outputs are all 0" in w for w in r.checkpoint_warnings)
+    assert not any("outputs are all 0" in w for w in nc.fold(small_model(), X, pt2=False, cost="flops")
+                   .report.checkpoint_warnings)

@@ -211,12 +211,19 @@ def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSet
             macs=BeforeAfter(count_macs(model, example), count_macs(folded.model, example)),
             equivalence=Equivalence(exact, tol if exact else None, tol, noise, result.outcomes),
             latency=latency, guard=guard, planner=Planner.of(cost), entropy=states, certification=cert,
-            checkpoint_notes=list(origin.notes), checkpoint_warnings=list(origin.warnings))
+            checkpoint_notes=list(origin.notes), checkpoint_warnings=[*origin.warnings, *_vacuous(ctx)])
     except BaseException:
         workdir.cleanup()
         raise
     stem = stem_of(origin.checkpoint) if origin.checkpoint else "model"
     return FoldResult(folded.model, report, stem, files, workdir)
+
+
+def _vacuous(ctx: CheckContext) -> list[str]:
+    if not ctx.reference_is_zero():
+        return []
+    return ["the original's outputs are all 0 on the data: the equivalence checks compare zeros and prove "
+            "nothing about the fold (check the model's weights and the data)"]
 
 
 def _fold_variants(model: nn.Module, states, example, options: dict[str, FoldOptions], settings: FoldSettings,
