@@ -1,11 +1,14 @@
 """A cost model measured on the target runtime (``--cost measured``), with an on-disk cache.
 
 Each layer spec the planner prices (a layer as it is, or a merge candidate) is exported alone to
-ONNX and timed in onnxruntime with its real input shape at every batch size the guard uses; its
-cost is the sum over batch sizes of the median latency per sample. Timings depend only on shapes
-and the runtime, so they are cached on disk keyed by (the spec's structure: kind, tensor shapes,
-stride, padding, ...; the input shape; the batch sizes; onnxruntime's version, provider, threads and
-the CPU's flags): a second fold of the same architecture measures nothing.
+ONNX and timed in onnxruntime with its real input shape at every batch size the guard uses. Its cost
+is, summed over those batch sizes, its median latency per sample divided by that of a fixed
+reference conv at the same batch size: every batch size weighs alike, so a merge that saves per-call
+overhead at batch 1 but costs more arithmetic at batch 32 is not bought by batch 1 alone. Timings
+depend only on shapes and the runtime, so they are cached on disk per batch size, keyed by (the
+spec's structure: kind, tensor shapes, stride, padding, ...; the input shape; the batch size;
+onnxruntime's version, provider, threads and the CPU's flags): a second fold of the same
+architecture measures nothing.
 
 The cache is a JSON file of positive finite floats (``NEPENTHE_CACHE_DIR``, default
 ``$XDG_CACHE_HOME/nepenthe-compress`` or ``~/.cache/nepenthe-compress``). A file that is too large,
@@ -51,8 +54,8 @@ def _structure(value: Any) -> Any:
     return value
 
 
-def cost_key(spec: Spec, in_shape: Shape, batches: Sequence[int], runtime: Runtime) -> str:
-    text = json.dumps([runtime.fingerprint(), _structure(spec), list(in_shape[1:]), list(batches)], sort_keys=True)
+def cost_key(spec: Spec, in_shape: Shape, batch: int, runtime: Runtime) -> str:
+    text = json.dumps([runtime.fingerprint(), _structure(spec), list(in_shape[1:]), batch], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -98,19 +101,19 @@ class CostCache:
         self.entries, self.new = merged, {}
 
 
-def time_layer(spec: Spec, in_shape: Shape, batches: Sequence[int], runtime: Runtime) -> float:
-    """Sum over ``batches`` of the median latency per sample of ``spec`` alone in onnxruntime."""
+def time_layer(spec: Spec, in_shape: Shape, batches: Sequence[int], runtime: Runtime) -> dict[int, float]:
+    """Median latency per sample (s) of ``spec`` alone in onnxruntime, per batch size."""
     from nepenthe_compress.export import export_onnx
     from nepenthe_compress.verify import ort_session
 
     like = nn.Conv2d(1, 1, 1)   # float32 on the CPU: the dtype and device the layer is timed in
     layer = module_of(spec, like).eval()
     example = torch.randn(2, *in_shape[1:])
+    per_sample = {}
     with tempfile.TemporaryDirectory(prefix="nepenthe-cost-") as folder:
         path = export_onnx(layer, example, Path(folder) / "layer.onnx", check=False, exporter="torchscript")
         session = ort_session(path, runtime.threads, runtime.provider)
         name = session.get_inputs()[0].name
-        total = 0.0
         for b in batches:
             feed = {name: torch.randn(b, *in_shape[1:]).numpy()}
             for _ in range(WARMUP):
@@ -120,8 +123,16 @@ def time_layer(spec: Spec, in_shape: Shape, batches: Sequence[int], runtime: Run
                 start = time.perf_counter()
                 session.run(None, feed)
                 times.append(time.perf_counter() - start)
-            total += statistics.median(times) / b
-    return total
+            per_sample[b] = statistics.median(times) / b
+    return per_sample
+
+
+def reference_spec() -> tuple[Spec, Shape]:
+    """The yardstick of every batch size: a 3x3 conv, 64 -> 64 channels, on 16x16."""
+    from nepenthe_compress.fold.algebra import ConvSpec
+
+    weight = torch.zeros(64, 64, 3, 3, dtype=torch.float64)
+    return ConvSpec(weight, torch.zeros(64, dtype=torch.float64), (1, 1), (1, 1), (1, 1), 1, None), (1, 64, 16, 16)
 
 
 @dataclasses.dataclass
@@ -134,14 +145,22 @@ class MeasuredCost:
     measured: int = 0     # layers timed (cache misses)
     looked_up: int = 0    # layers priced
 
+    def per_sample(self, spec: Spec, in_shape: Shape) -> dict[int, float]:
+        """Seconds per sample at each batch size, from the cache or timed (and cached)."""
+        keys = {b: cost_key(spec, in_shape, b, self.runtime) for b in self.batches}
+        known = {b: self.cache.get(k) for b, k in keys.items()}
+        missing = [b for b, t in known.items() if t is None]
+        if missing:
+            for b, seconds in time_layer(spec, in_shape, missing, self.runtime).items():
+                self.cache.put(keys[b], seconds)
+                known[b] = seconds
+        return known  # type: ignore[return-value]
+
     def layer_cost(self, spec: Spec, in_shape: Shape) -> float:
         kind_of_spec(spec)   # unknown spec types fail here, before any export
-        key = cost_key(spec, in_shape, self.batches, self.runtime)
         self.looked_up += 1
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached
-        seconds = time_layer(spec, in_shape, self.batches, self.runtime)
-        self.cache.put(key, seconds)
-        self.measured += 1
-        return seconds
+        before = len(self.cache.new)
+        times = self.per_sample(spec, in_shape)
+        self.measured += len(self.cache.new) > before
+        yardstick = self.per_sample(*reference_spec())
+        return sum(times[b] / yardstick[b] for b in self.batches)

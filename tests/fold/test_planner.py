@@ -72,11 +72,11 @@ def conv(ci: int, co: int, k: int, stride: int = 1, seed: int = 0) -> A.ConvSpec
 
 def test_cost_key_is_the_structure_not_the_values() -> None:
     rt, shape = Runtime(), (1, 8, 12, 12)
-    key = M.cost_key(conv(8, 16, 3), shape, (1, 32), rt)
-    assert key == M.cost_key(conv(8, 16, 3, seed=1), shape, (1, 32), rt)       # other weights
-    others = [M.cost_key(conv(8, 16, 5), shape, (1, 32), rt), M.cost_key(conv(8, 16, 3, 2), shape, (1, 32), rt),
-              M.cost_key(conv(8, 16, 3), (1, 8, 13, 12), (1, 32), rt), M.cost_key(conv(8, 16, 3), shape, (1,), rt),
-              M.cost_key(conv(8, 16, 3), shape, (1, 32), Runtime(threads=1))]
+    key = M.cost_key(conv(8, 16, 3), shape, 1, rt)
+    assert key == M.cost_key(conv(8, 16, 3, seed=1), shape, 1, rt)       # other weights
+    others = [M.cost_key(conv(8, 16, 5), shape, 1, rt), M.cost_key(conv(8, 16, 3, 2), shape, 1, rt),
+              M.cost_key(conv(8, 16, 3), (1, 8, 13, 12), 1, rt), M.cost_key(conv(8, 16, 3), shape, 32, rt),
+              M.cost_key(conv(8, 16, 3), shape, 1, Runtime(threads=1))]
     assert len({key, *others}) == 6
 
 
@@ -87,9 +87,21 @@ def test_measured_costs_are_timed_once_then_read_from_the_cache(tmp_path) -> Non
     assert first.measured == 2 and big_cost > 0 and small_cost > 0
     first.cache.save()
     stored = json.loads((tmp_path / M.CACHE_FILE).read_text())
-    assert sorted(stored.values()) == sorted([big_cost, small_cost])
+    assert len(stored) == 3 * 2            # two layers and the yardstick, at two batch sizes each
     second = M.MeasuredCost(Runtime(threads=1), (1, 4), M.CostCache(tmp_path))
     assert second.layer_cost(spec, (1, 8, 16, 16)) == big_cost and second.measured == 0
+
+
+def test_every_batch_size_weighs_alike(tmp_path, monkeypatch) -> None:
+    """cost = sum over batches of (seconds per sample / the yardstick's at that batch)."""
+    ref, _ = M.reference_spec()
+
+    def fake(spec, in_shape, batches, runtime):
+        per = {1: 2e-3, 32: 1e-4} if spec.weight.shape == ref.weight.shape else {1: 1e-3, 32: 3e-4}
+        return {b: per[b] for b in batches}
+    monkeypatch.setattr(M, "time_layer", fake)
+    cost = M.MeasuredCost(Runtime(), (1, 32), M.CostCache(tmp_path)).layer_cost(conv(8, 16, 3), (1, 8, 8, 8))
+    assert cost == pytest.approx(1e-3 / 2e-3 + 3e-4 / 1e-4)
 
 
 @pytest.mark.parametrize("content", [b"not json", b'{"k": "1.0"}', b'{"k": NaN}', b'{"k": -1}', b'[1, 2]',
