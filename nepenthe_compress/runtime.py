@@ -67,8 +67,12 @@ class Runtime:
 
     def fingerprint(self) -> str:
         """A short hash of onnxruntime's version, the provider, threads and the CPU's flags."""
-        import onnxruntime as ort
+        return _fingerprint(PROVIDERS.get(self.provider, self.provider), self.threads)
 
-        text = "|".join([ort.__version__, PROVIDERS.get(self.provider, self.provider), str(self.threads),
-                         _cpu_flags()])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+@cache
+def _fingerprint(provider: str, threads: int) -> str:
+    import onnxruntime as ort
+
+    text = "|".join([ort.__version__, provider, str(threads), _cpu_flags()])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -144,23 +144,24 @@ class MeasuredCost:
     cache: CostCache = dataclasses.field(default_factory=CostCache)
     measured: int = 0     # layers timed (cache misses)
     looked_up: int = 0    # layers priced
+    _yardstick: dict[int, float] | None = dataclasses.field(default=None, repr=False)
 
-    def per_sample(self, spec: Spec, in_shape: Shape) -> dict[int, float]:
-        """Seconds per sample at each batch size, from the cache or timed (and cached)."""
+    def per_sample(self, spec: Spec, in_shape: Shape) -> tuple[dict[int, float], bool]:
+        """Seconds per sample at each batch size, from the cache or timed (and cached); and whether
+        anything had to be timed."""
         keys = {b: cost_key(spec, in_shape, b, self.runtime) for b in self.batches}
         known = {b: self.cache.get(k) for b, k in keys.items()}
         missing = [b for b, t in known.items() if t is None]
-        if missing:
-            for b, seconds in time_layer(spec, in_shape, missing, self.runtime).items():
-                self.cache.put(keys[b], seconds)
-                known[b] = seconds
-        return known  # type: ignore[return-value]
+        for b, seconds in (time_layer(spec, in_shape, missing, self.runtime) if missing else {}).items():
+            self.cache.put(keys[b], seconds)
+            known[b] = seconds
+        return known, bool(missing)  # type: ignore[return-value]
 
     def layer_cost(self, spec: Spec, in_shape: Shape) -> float:
         kind_of_spec(spec)   # unknown spec types fail here, before any export
         self.looked_up += 1
-        before = len(self.cache.new)
-        times = self.per_sample(spec, in_shape)
-        self.measured += len(self.cache.new) > before
-        yardstick = self.per_sample(*reference_spec())
-        return sum(times[b] / yardstick[b] for b in self.batches)
+        times, timed = self.per_sample(spec, in_shape)
+        self.measured += timed
+        if self._yardstick is None:
+            self._yardstick = self.per_sample(*reference_spec())[0]
+        return sum(times[b] / self._yardstick[b] for b in self.batches)
