@@ -156,6 +156,8 @@ class _Built:
     folded: FoldedGraph
     onnx: Path
     outcomes: list[CheckOutcome]
+    macs: int       # per sample
+    depth: int      # of the ONNX file
 
 
 def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSettings(),
@@ -188,9 +190,10 @@ def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSet
         original_onnx = folder / "original.onnx"
         progress("exporting the original to ONNX")
         cached_export(trace_model(model, settings.leaf_modules), example, original_onnx)
+        original_macs = count_macs(model, example)
         chosen, guard, latency = next(iter(built)), None, None
         if settings.bench:
-            chosen, guard, latency = _time_and_choose(built, same_as, original_onnx, model, example, settings, ctx,
+            chosen, guard, latency = _time_and_choose(built, same_as, original_onnx, original_macs, settings, ctx,
                                                       progress)
         result = built[chosen]
         files = {"onnx": result.onnx, "original_onnx": original_onnx}
@@ -206,9 +209,9 @@ def fold_model(model: nn.Module, data: Dataset, settings: FoldSettings = FoldSet
             events=[Event.of(e) for e in folded.events],
             channels_dropped=folded.channels_dropped,
             channels_kept_for_alignment=folded.channels_kept_for_alignment,
-            depth=BeforeAfter(onnx_depth(original_onnx), onnx_depth(files["onnx"])),
+            depth=BeforeAfter(onnx_depth(original_onnx), result.depth),
             params=BeforeAfter(onnx_param_count(original_onnx), onnx_param_count(files["onnx"])),
-            macs=BeforeAfter(count_macs(model, example), count_macs(folded.model, example)),
+            macs=BeforeAfter(original_macs, result.macs),
             equivalence=Equivalence(exact, tol if exact else None, tol, noise, result.outcomes),
             latency=latency, guard=guard, planner=Planner.of(cost), entropy=states, certification=cert,
             checkpoint_notes=list(origin.notes), checkpoint_warnings=[*origin.warnings, *_vacuous(ctx)])
@@ -250,8 +253,8 @@ def _fold_variants(model: nn.Module, states, example, options: dict[str, FoldOpt
     return built, same_as
 
 
-def _time_and_choose(built: dict[str, _Built], same_as: dict[str, str], original_onnx: Path, model: nn.Module,
-                     example, settings: FoldSettings, ctx: CheckContext,
+def _time_and_choose(built: dict[str, _Built], same_as: dict[str, str], original_onnx: Path, original_macs: int,
+                     settings: FoldSettings, ctx: CheckContext,
                      progress: Progress) -> tuple[str, GuardReport, LatencyTable]:
     """The speed guard: time every built variant against the original, choose (``FoldError`` when no
     variant may be written), run every check on a chosen fallback."""
@@ -260,13 +263,15 @@ def _time_and_choose(built: dict[str, _Built], same_as: dict[str, str], original
                               tuple(ctx.calib.shape[1:]), settings.bench_batches, settings.runtime.threads,
                               repeats=settings.bench_repeats, provider=settings.runtime.provider)
     planned = next(iter(built))
-    guard = _guard(latency, built, same_as, model, example, planned, settings)
-    if guard.chosen != planned:
+    guard = _guard(latency, built, same_as, original_macs, planned, settings)
+    if guard.chosen != planned:   # a fallback passed the fatal checks; run the others on it too
         progress(f"checking the fallback ({guard.chosen})")
         fallback = built[guard.chosen]
         full = replace(ctx, folded=fallback.folded.model, onnx_path=fallback.onnx)
-        built[guard.chosen] = replace(fallback, outcomes=[*run_checks(settings.checks, full, Stage.FOLDED),
-                                                          *run_checks(settings.checks, full, Stage.EXPORTED)])
+        rest = tuple(c for c in settings.checks if not c.fatal)
+        order = {c.name: i for i, c in enumerate(settings.checks)}
+        outcomes = [*fallback.outcomes, *run_checks(rest, full, Stage.FOLDED), *run_checks(rest, full, Stage.EXPORTED)]
+        built[guard.chosen] = replace(fallback, outcomes=sorted(outcomes, key=lambda o: order[o.name]))
     return guard.chosen, guard, _rename(latency, guard.chosen)
 
 
@@ -281,7 +286,7 @@ def _build(folded: FoldedGraph, example, ctx: CheckContext, checks: tuple[Check,
     ctx.onnx_path = export_onnx(folded.model, example, folder / "model.folded.onnx")
     progress("checking the ONNX model in onnxruntime")
     outcomes += run_checks(checks, ctx, Stage.EXPORTED)
-    return _Built(folded, ctx.onnx_path, outcomes)
+    return _Built(folded, ctx.onnx_path, outcomes, count_macs(folded.model, example), onnx_depth(ctx.onnx_path))
 
 
 def same_model(a: nn.Module, b: nn.Module) -> bool:
@@ -291,7 +296,7 @@ def same_model(a: nn.Module, b: nn.Module) -> bool:
             and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa))
 
 
-def _guard(latency: LatencyTable, built: dict[str, _Built], same_as: dict[str, str], model: nn.Module, example,
+def _guard(latency: LatencyTable, built: dict[str, _Built], same_as: dict[str, str], original_macs: int,
            planned: str, settings: FoldSettings) -> GuardReport:
     """Decide from the measured ``latency``; ``FoldError`` when no variant may be written."""
     fallback = settings.options.merge == "auto"
@@ -299,9 +304,8 @@ def _guard(latency: LatencyTable, built: dict[str, _Built], same_as: dict[str, s
     if decision.chosen is None:
         raise FoldError(f"{decision.reason}: nothing written"
                         + ("" if settings.require_speedup else " (--no-bench skips the speed guard)"))
-    macs = count_macs(model, example)
-    figures = [VariantFigures(n, decision.speedups[n], decision.slower[n], macs / max(count_macs(b.folded.model, example), 1),
-                              onnx_depth(b.onnx)) for n, b in built.items()]
+    figures = [VariantFigures(n, decision.speedups[n], decision.slower[n], original_macs / max(b.macs, 1), b.depth)
+               for n, b in built.items()]
     figures += [replace(next(f for f in figures if f.name == twin), name=n, same_as=twin) for n, twin in same_as.items()]
     return GuardReport(planned, decision.chosen, decision.reason, settings.runtime.provider, settings.runtime.threads,
                        figures, settings.require_speedup)
