@@ -223,14 +223,19 @@ def test_failed_equivalence_exits_non_zero_and_writes_nothing(saved: Saved, tmp_
     assert [p.name for p in tmp_path.iterdir()] == [ckpt.name]
 
 
-def test_failed_onnx_check_after_staging_leaves_no_files(saved: Saved, tmp_path: Path, monkeypatch) -> None:
+def onnx_off_by_one(monkeypatch) -> None:
+    """The fold's onnxruntime check sees outputs off by one: the export "differs" from torch."""
     from nepenthe_compress.workflow import checks
 
-    def mismatching(path, threads=2):   # onnxruntime's outputs, off by one
+    def mismatching(path, threads=2):
         run = onnx_runner(path, threads)
         return lambda x: [o + 1.0 for o in run(x)]
 
     monkeypatch.setattr(checks, "onnx_runner", mismatching)
+
+
+def test_failed_onnx_check_after_staging_leaves_no_files(saved: Saved, tmp_path: Path, monkeypatch) -> None:
+    onnx_off_by_one(monkeypatch)
     ckpt = copy_to(saved, tmp_path)
     res = fold(str(ckpt), "--no-bench")
     assert_one_line_error(res)
@@ -433,13 +438,7 @@ def test_force_replaces_every_output_at_once(saved: Saved, tmp_path: Path) -> No
 
 def test_force_with_a_failed_fold_keeps_the_old_outputs(saved: Saved, tmp_path: Path, monkeypatch) -> None:
     """--force replaces outputs only when the whole run succeeds (all or nothing)."""
-    from nepenthe_compress.workflow import checks
-
-    def mismatching(path, threads=2):   # onnxruntime's outputs, off by one
-        run = onnx_runner(path, threads)
-        return lambda x: [o + 1.0 for o in run(x)]
-
-    monkeypatch.setattr(checks, "onnx_runner", mismatching)
+    onnx_off_by_one(monkeypatch)
     ckpt = copy_to(saved, tmp_path)
     for name in OUTPUTS:
         (tmp_path / name).write_bytes(b"earlier\n")
