@@ -49,11 +49,11 @@ def model_key(model: nn.Module, example: Tensor, opset: int) -> str:
 def cached_export(model: nn.Module, example: Tensor, path: Path, *, opset: int = 18,
                   folder: Path | None = None) -> Path:
     """``export.export_onnx(model, example, path)``, reusing an earlier export of the same model."""
-    from nepenthe_compress.export import export_onnx, self_check
+    from nepenthe_compress.export import ONNX_SIZE_LIMIT, export_onnx, self_check
 
     exports = (folder or cache_dir()) / "exports"
     cached = exports / f"{model_key(model, example, opset)}.onnx"
-    if cached.is_file():
+    if cached.is_file() and cached.stat().st_size < ONNX_SIZE_LIMIT:   # no larger than an export can be
         shutil.copyfile(cached, path)
         try:
             self_check(model, path, example, dynamic_batch=True)
