@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torchvision.models.mobilenetv2 import MobileNetV2
-from torchvision.models.resnet import BasicBlock, ResNet
-from torchvision.models.vgg import cfgs as VGG_CFGS
+
+from nepenthe_compress.light_imports import import_torchvision
+
+torchvision = import_torchvision()
+from torchvision.models.mobilenetv2 import MobileNetV2  # noqa: E402
+from torchvision.models.resnet import BasicBlock, ResNet  # noqa: E402
+from torchvision.models.vgg import cfgs as VGG_CFGS  # noqa: E402
 
 from nepenthe_compress.errors import CheckpointError, first_line
 from nepenthe_compress.limits import env_limit
@@ -262,6 +265,12 @@ class _BuildBudget(TorchDispatchMode):
     def __init__(self, arch: str) -> None:
         super().__init__()
         self.arch, self.bytes = arch, 0
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        """Never compiled: without this, torch wraps ``__torch_dispatch__`` so that its first call imports
+        ``torch._dynamo`` (2 s of every checkpoint load)."""
+        return False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -108,14 +108,21 @@ def _make_pure(gm: fx.GraphModule, node: fx.Node, made_pure: set[str]) -> bool:
 
 
 def shape_of(node: fx.Node) -> torch.Size | None:
-    """Shape recorded by ``fx.passes.shape_prop.ShapeProp`` (None when unknown)."""
-    meta = node.meta.get("tensor_meta")
-    return getattr(meta, "shape", None)
+    """Output shape recorded by ``propagate_shapes`` (None when unknown or not a tensor)."""
+    return node.meta.get("output_shape")
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Runs the graph and records each node's output shape (``fx.passes.shape_prop.ShapeProp`` does the
+    same but imports torch's symbolic-shape machinery, half a second of every fold)."""
+
+    def run_node(self, n: fx.Node) -> object:
+        result = super().run_node(n)
+        n.meta["output_shape"] = result.shape if isinstance(result, torch.Tensor) else None
+        return result
 
 
 def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
-    """Record every node's output shape in ``node.meta['tensor_meta']``."""
-    from torch.fx.passes.shape_prop import ShapeProp
-
+    """Record every node's output shape in ``node.meta['output_shape']``."""
     with torch.no_grad():
-        ShapeProp(gm).propagate(example)
+        _ShapeRecorder(gm).run(example)
