@@ -1,4 +1,4 @@
-from nepenthe_compress.cli import main
+from nepenthe_compress.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -73,7 +73,7 @@ def measure_entropy(model: Model, calib: Samples | None = None, *, limit: int | 
 def fold(model: Model, calib: Samples | None = None, merge: str = "auto", *, allow_inexact: bool = False,
          approximate: bool = False, drop_channels: bool = True, channel_align: int = 8, holdout: float = 0.2,
          limit: int | None = None, batch_size: int = 64, bench: bool = False, bench_repeats: int = 20,
-         pt2: bool = True, leaf_modules: tuple[str, ...] = (), input_shape: tuple[int, ...] | None = None,
+         pt2: bool = False, leaf_modules: tuple[str, ...] = (), input_shape: tuple[int, ...] | None = None,
          normalize: dict | None = None, channels: int | None = None, bench_batches: tuple[int, ...] = (1, 32),
          provider: str = "cpu", threads: int = 2, require_speedup: float | None = None, cost: str = "measured",
          margin: float = DEFAULT_MARGIN, max_flip_rate: float = 0.0, holdout_tolerance: float | None = None,

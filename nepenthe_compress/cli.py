@@ -1,7 +1,11 @@
 """The ``nepenthe-compress`` command line: a thin layer over the library."""
 from __future__ import annotations
 
+import atexit
 import importlib
+import os
+import sys
+from typing import NoReturn
 
 import click
 
@@ -48,3 +52,25 @@ class LazyGroup(Group):
 @click.version_option(__version__, prog_name="nepenthe-compress")
 def main() -> None:
     """Fold zero-entropy rectifier layers of pruned networks into shallower ONNX models."""
+
+
+def run() -> NoReturn:
+    """The console entry point: ``main``, then an exit that skips the interpreter's teardown (0.7 s
+    once torch is loaded, measured on torch 2.14). Exit handlers still run (temporary folders are
+    removed) and the output streams are flushed first."""
+    try:
+        main()
+        code: object = 0
+    except SystemExit as e:
+        code = e.code
+    if not isinstance(code, int):   # sys.exit("message") / sys.exit(None), as the interpreter does it
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):   # a closed pipe: nothing more can be written anyway
+            pass
+    os._exit(code)

@@ -42,7 +42,7 @@ def test_readme_example_runs_as_written(tmp_path: Path, monkeypatch) -> None:
     lines = printed.getvalue().splitlines()
     assert re.fullmatch(r"\d+/15 zero-entropy sites", lines[0]), lines
     assert re.fullmatch(r"depth 3 -> 2, max rel err \d\.\de-0[6-9]", lines[1]), lines
-    names = ["model.folded.onnx", "model.folded.pt2", "model.onnx", "model.report.json"]
+    names = ["model.folded.onnx", "model.onnx", "model.report.json"]
     assert lines[2] == str(names)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
 

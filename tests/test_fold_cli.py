@@ -34,7 +34,7 @@ TOTAL_SITES = 17                                 # stem ReLU + 8 BasicBlocks x 2
 DEAD_CHANNELS = 2
 DEPTH = 18                                       # stem conv + 16 convs + fc
 STEM = "net"
-OUTPUTS = [f"{STEM}.folded.onnx", f"{STEM}.folded.pt2", f"{STEM}.onnx", f"{STEM}.report.json"]
+OUTPUTS = [f"{STEM}.folded.onnx", f"{STEM}.onnx", f"{STEM}.report.json"]
 
 
 @dataclass
@@ -135,7 +135,7 @@ def test_progress_lines_on_stderr_when_not_a_terminal(default_run) -> None:
         "fold: measuring neuron states on 32 samples...", "fold: folding...",
         "fold: checking the folded model on 32 + 8 samples...", "fold: exporting ONNX...",
         "fold: checking the ONNX model in onnxruntime...", "fold: exporting the original to ONNX...",
-        "fold: exporting .pt2...", f"fold: writing {folder}..."]
+        f"fold: writing {folder}..."]
 
 
 def test_table_shows_the_channels_kept_for_alignment(default_run) -> None:
@@ -319,18 +319,31 @@ def test_checkpoint_with_sites_already_linearised(saved: Saved, tmp_path: Path) 
 
 # ---- outputs: no calibration data inside them ------------------------------------------------------
 
-def test_outputs_hold_no_calibration_sample(saved: Saved, default_run) -> None:
+@pytest.fixture(scope="module")
+def pt2_run(saved: Saved, tmp_path_factory) -> tuple[Result, Path]:
+    ckpt = copy_to(saved, tmp_path_factory.mktemp("pt2"))
+    return fold(str(ckpt), "--no-bench", "--cost", "flops", "--pt2"), ckpt.parent
+
+
+def test_pt2_is_written_when_asked(pt2_run) -> None:
+    res, folder = pt2_run
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*OUTPUTS, f"{STEM}.folded.pt2", f"{STEM}.pt"])
+    assert res.stderr.splitlines()[-2:] == ["fold: exporting .pt2...", f"fold: writing {folder}..."]
+
+
+def test_outputs_hold_no_calibration_sample(saved: Saved, pt2_run) -> None:
     """The .pt2 keeps an example input; it must be synthetic. No sample of the calibration data (their
     float32 bytes) may appear in any written model file."""
-    _, folder, _ = default_run
+    _, folder = pt2_run
     samples = [s.numpy().tobytes() for s in saved.x]
     for name in (f"{STEM}.folded.pt2", f"{STEM}.folded.onnx", f"{STEM}.onnx"):
         data = (folder / name).read_bytes()
         assert not [i for i, s in enumerate(samples) if s in data], name
 
 
-def test_pt2_size_is_the_model_not_the_data(default_run) -> None:
-    _, folder, _ = default_run
+def test_pt2_size_is_the_model_not_the_data(pt2_run) -> None:
+    _, folder = pt2_run
     pt2 = folder / f"{STEM}.folded.pt2"
     with zipfile.ZipFile(pt2) as z:
         sizes = {i.filename: i.file_size for i in z.infolist()}
@@ -418,10 +431,11 @@ def test_existing_json_is_refused_and_no_pt2_means_the_pt2_is_not_an_output(save
 
 def test_force_replaces_every_output_at_once(saved: Saved, tmp_path: Path) -> None:
     ckpt = copy_to(saved, tmp_path)
-    old = {name: f"stale {name}\n".encode() for name in [*OUTPUTS, "r.json"]}
+    old = {name: f"stale {name}\n".encode() for name in [*OUTPUTS, f"{STEM}.folded.pt2", "r.json"]}
     for name, data in old.items():
         (tmp_path / name).write_bytes(data)
-    res = fold(str(ckpt), "--no-bench", "--cost", "flops", "--force", "--json", str(tmp_path / "r.json"), "--verbose")
+    res = fold(str(ckpt), "--no-bench", "--cost", "flops", "--force", "--pt2", "--json", str(tmp_path / "r.json"),
+               "--verbose")
     assert res.exit_code == 0, res.output
     steps = [re.fullmatch(r"fold: \[(\d+\.\d) s\] (.*)\.\.\.", ln) for ln in res.stderr.splitlines()]
     assert all(steps) and [m[2] for m in steps][-3:] == ["exporting the original to ONNX", "exporting .pt2",

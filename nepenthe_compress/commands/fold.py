@@ -86,7 +86,8 @@ def calib_need(argument: str) -> Need:
               help="Fail (non-zero exit, nothing written) unless the written model is at least X times faster "
                    "than the original at every --batch.")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True, help="Latency repeats (median).")
-@click.option("--pt2/--no-pt2", default=True, show_default=True, help="Also save the folded torch.export program.")
+@click.option("--pt2/--no-pt2", default=False, show_default=True,
+              help="Also save the folded torch.export program (torch.export takes about 3 s more).")
 @leaf_option
 @json_option
 @force_option

@@ -65,7 +65,7 @@ class FoldSettings:
     batch_size: int = 64
     bench: bool = False             # the speed guard: time the variants against the original, choose
     bench_repeats: int = 20
-    pt2: bool = True                # also export the folded model as a torch.export program
+    pt2: bool = False               # also export the folded model as a torch.export program
     leaf_modules: tuple[str, ...] = ()
     checks: tuple[Check, ...] = CHECKS
     bench_batches: tuple[int, ...] = (1, 32)
