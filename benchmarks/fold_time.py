@@ -52,7 +52,7 @@ def wall(cmd: list[str], env: dict[str, str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--pt2", action="store_true", help="also export the .pt2 (fold's default)")
+    parser.add_argument("--pt2", action="store_true", help="also export the .pt2 (fold --pt2)")
     args = parser.parse_args()
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; medians of {args.repeats}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,7 +61,7 @@ def main() -> None:
         cache = folder / "cache"
         env = {**os.environ, "NEPENTHE_CACHE_DIR": str(cache)}
         fold = [*CLI, "fold", str(ckpt), "--arch", "resnet18", "--calib", str(calib), "--no-bench", "--force",
-                "-o", str(folder / "out"), *([] if args.pt2 else ["--no-pt2"])]
+                "-o", str(folder / "out"), *(["--pt2"] if args.pt2 else [])]
         helps, colds, warms = [], [], []
         for _ in range(args.repeats):
             helps.append(wall([*CLI, "--help"], env))

@@ -802,7 +802,7 @@ def test_folded_pt2_embeds_no_calibration_sample(ws: Ws) -> None:
 
     x = np.random.default_rng(7).uniform(0.25, 0.75, (SAMPLES, *SHAPE)).astype(np.float32)
     ck = ws.ckpt(meta={"calib": str(write_npz(ws.inp / "private.npz", x)), "input_shape": list(SHAPE)})
-    outcome = invoke(["fold", str(ck), "-o", str(ws.out), "--no-bench", "--merge", "none"], seconds=240)
+    outcome = invoke(["fold", str(ck), "-o", str(ws.out), "--no-bench", "--merge", "none", "--pt2"], seconds=240)
     assert outcome.exit_code == 0, report("fold:valid", ["fold", str(ck)], outcome, ["valid fold failed"])
     pt2 = ws.out / "model.folded.pt2"
     with zipfile.ZipFile(pt2) as z:
