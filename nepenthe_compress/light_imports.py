@@ -47,9 +47,8 @@ def import_torchvision() -> types.ModuleType:
     try:
         return importlib.import_module("torchvision")
     except ImportError:
-        if sys.modules.get(_DYNAMO_UTILS) is stand_in:
-            del sys.modules[_DYNAMO_UTILS]
-        return importlib.import_module("torchvision")   # the modules that failed run again, plainly
+        pass   # this torchvision takes more than the stand-in has
     finally:
         if sys.modules.get(_DYNAMO_UTILS) is stand_in:
             del sys.modules[_DYNAMO_UTILS]
+    return importlib.import_module("torchvision")   # the modules that failed run again, plainly
