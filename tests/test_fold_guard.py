@@ -36,14 +36,25 @@ def dead_channel_model() -> tuple[nn.Module, torch.Tensor]:
     return model, torch.randn(40, 2, 6, 6, generator=torch.Generator().manual_seed(1))
 
 
-def fake_timings(monkeypatch, speedups: dict[str, float]) -> list[list[str]]:
+class Calls(list):
+    """The names timed per call of the guard's timing; ``repeats``: the repeats each call asked for."""
+
+    repeats: list[int]
+
+
+def fake_timings(monkeypatch, speedups: dict[str, float], *later: dict[str, float]) -> Calls:
     """Replace the guard's timing with a table in which each variant runs ``speedups[name]`` times
-    faster than the original (1.0 if not named); returns the names timed per call."""
-    calls: list[list[str]] = []
+    faster than the original (1.0 if not named); ``later``: the tables of the next calls (the last
+    one repeats)."""
+    calls = Calls()
+    calls.repeats = []
+    tables = [speedups, *later]
 
     def compare(paths, input_shape, batches, threads, repeats, provider):
+        table = tables[min(len(calls), len(tables) - 1)]
         calls.append(list(paths))
-        rows = [LatencyRow(name, b, ORIGINAL_S / (speedups.get(name, 1.0) if name != "original" else 1.0), 0.0, 0.0)
+        calls.repeats.append(repeats)
+        rows = [LatencyRow(name, b, ORIGINAL_S / (table.get(name, 1.0) if name != "original" else 1.0), 0.0, 0.0)
                 for b in batches for name in paths]
         rows = [LatencyRow(r.model, r.batch, r.median_s, 0.0, ORIGINAL_S / r.median_s) for r in rows]
         return LatencyTable("original", tuple(input_shape), threads, repeats, rows, provider)
@@ -96,6 +107,23 @@ def test_slower_plan_falls_back_to_the_fastest_variant_not_slower(monkeypatch) -
         "calibration", "heldout", "heldout_state_flips", "onnx_vs_torch"}
     assert sum(isinstance(m, nn.Conv2d) and m.out_channels == 8 for m in r.model.modules()) == 2
     assert onnx_matches(r, x) < 1e-5
+
+
+def test_a_slower_verdict_is_timed_again_and_the_longer_run_decides(monkeypatch) -> None:
+    """A transient slowdown (another process on the machine) does not make the guard fall back: a
+    fallback or a failure is only decided on a second run with twice the repeats."""
+    calls = fake_timings(monkeypatch, {AUTO: 0.7, AUTO_KEEP: 0.7}, {AUTO: 1.3, AUTO_KEEP: 1.1})
+    model, x = dead_channel_model()
+    r = fold(model, x, bench_repeats=5)
+    assert r.report.guard.chosen == AUTO and r.report.guard.figures(AUTO).speedups[1] == pytest.approx(1.3)
+    assert calls == [["original", AUTO, AUTO_KEEP]] * 2 and calls.repeats == [5, 10]
+
+
+def test_plan_not_slower_is_timed_once(monkeypatch) -> None:
+    calls = fake_timings(monkeypatch, {AUTO: 1.0})
+    model, x = dead_channel_model()
+    assert fold(model, x, bench_repeats=5).report.guard.chosen == AUTO
+    assert calls.repeats == [5]
 
 
 def test_every_variant_slower_is_a_failed_fold(monkeypatch) -> None:

@@ -30,6 +30,7 @@ from nepenthe_compress.fold.cost import AnalyticCost, CostModel
 from nepenthe_compress.fold.graph import FoldOptions
 from nepenthe_compress.fold.measured import MeasuredCost
 from nepenthe_compress.fold.metrics import count_macs
+from nepenthe_compress.guard import GuardDecision
 from nepenthe_compress.io import OutputSet, check_writable, json_default
 from nepenthe_compress.onnx_depth import onnx_depth, onnx_param_count
 from nepenthe_compress.runtime import Runtime
@@ -259,11 +260,20 @@ def _time_and_choose(built: dict[str, _Built], same_as: dict[str, str], original
     """The speed guard: time every built variant against the original, choose (``FoldError`` when no
     variant may be written), run every check on a chosen fallback."""
     progress(f"timing {len(built)} variant(s) against the original in onnxruntime ({settings.runtime.provider})")
-    latency = compare_latency({"original": original_onnx, **{n: b.onnx for n, b in built.items()}},
-                              tuple(ctx.calib.shape[1:]), settings.bench_batches, settings.runtime.threads,
-                              repeats=settings.bench_repeats, provider=settings.runtime.provider)
+    models = {"original": original_onnx, **{n: b.onnx for n, b in built.items()}}
+
+    def time_all(repeats: int) -> LatencyTable:
+        return compare_latency(models, tuple(ctx.calib.shape[1:]), settings.bench_batches, settings.runtime.threads,
+                               repeats=repeats, provider=settings.runtime.provider)
+
     planned = next(iter(built))
-    guard = _guard(latency, built, same_as, original_macs, planned, settings)
+    latency = time_all(settings.bench_repeats)
+    decision = _decide(latency, built, planned, settings)
+    if decision.chosen != planned:   # a fallback or a failure is decided by a second, longer run
+        progress("the plan looks slower: timing again with twice the repeats")
+        latency = time_all(2 * settings.bench_repeats)
+        decision = _decide(latency, built, planned, settings)
+    guard = _guard(decision, built, same_as, original_macs, planned, settings)
     if guard.chosen != planned:   # a fallback passed the fatal checks; run the others on it too
         progress(f"checking the fallback ({guard.chosen})")
         fallback = built[guard.chosen]
@@ -296,11 +306,14 @@ def same_model(a: nn.Module, b: nn.Module) -> bool:
             and all(sa[k].shape == sb[k].shape and torch.equal(sa[k], sb[k]) for k in sa))
 
 
-def _guard(latency: LatencyTable, built: dict[str, _Built], same_as: dict[str, str], original_macs: int,
-           planned: str, settings: FoldSettings) -> GuardReport:
-    """Decide from the measured ``latency``; ``FoldError`` when no variant may be written."""
+def _decide(latency: LatencyTable, built: dict[str, _Built], planned: str, settings: FoldSettings) -> GuardDecision:
     fallback = settings.options.merge == "auto"
-    decision = decide(latency, planned, list(built), settings.require_speedup, fallback)
+    return decide(latency, planned, list(built), settings.require_speedup, fallback)
+
+
+def _guard(decision: GuardDecision, built: dict[str, _Built], same_as: dict[str, str], original_macs: int,
+           planned: str, settings: FoldSettings) -> GuardReport:
+    """The report of the guard's ``decision``; ``FoldError`` when no variant may be written."""
     if decision.chosen is None:
         raise FoldError(f"{decision.reason}: nothing written"
                         + ("" if settings.require_speedup else " (--no-bench skips the speed guard)"))
