@@ -45,3 +45,15 @@ def test_guard_falls_back_and_verdict_compares_with_every_variant() -> None:
     assert line.startswith("FAIL toy: guard -> keep-channels") and "slower than all at batch 1 (9 vs 8 ms)" in line
     assert planner.verdict(_result({v: 12.0 for v in slow_auto} | {"original": 10.0})).startswith(
         "FAIL toy: the guard chose nothing")
+
+
+def test_verdict_fails_a_choice_slower_than_the_original_in_the_independent_rerun() -> None:
+    r = _result({"original": 10.0, "none": 9.0, "auto": 8.0, "all": 12.0, "keep-channels": 9.5})
+    assert r.decision.chosen == "auto" and planner.verdict(r).startswith("PASS")
+    r.rerun = {m: {b: Timing(t * b / 1e3, 0.1 * b / 1e3) for b in (1, 32)}
+               for m, t in {"original": 10.0, "auto": 11.0}.items()}
+    line = planner.verdict(r)
+    assert line.startswith("FAIL toy: guard -> auto")
+    assert "slower than the original at batch 1 in the re-run (11 vs 10 ms)" in line
+    r.rerun["auto"] = {b: Timing(10.04 * b / 1e3, 0.1 * b / 1e3) for b in (1, 32)}   # within noise
+    assert planner.verdict(r).startswith("PASS")
