@@ -270,7 +270,7 @@ def _time_and_choose(built: dict[str, _Built], same_as: dict[str, str], original
     latency = time_all(settings.bench_repeats)
     decision = _decide(latency, built, planned, settings)
     if decision.chosen != planned:   # a fallback or a failure is decided by a second, longer run
-        progress("the plan looks slower: timing again with twice the repeats")
+        progress(f"timing again with twice the repeats before deciding ({decision.reason})")
         latency = time_all(2 * settings.bench_repeats)
         decision = _decide(latency, built, planned, settings)
     guard = _guard(decision, built, same_as, original_macs, planned, settings)
@@ -307,6 +307,7 @@ def same_model(a: nn.Module, b: nn.Module) -> bool:
 
 
 def _decide(latency: LatencyTable, built: dict[str, _Built], planned: str, settings: FoldSettings) -> GuardDecision:
+    """The guard's decision on ``latency`` (fallbacks only under ``--merge auto``)."""
     fallback = settings.options.merge == "auto"
     return decide(latency, planned, list(built), settings.require_speedup, fallback)
 
