@@ -52,6 +52,7 @@ from nepenthe_compress.trace import trace_model
 from nepenthe_compress.verify import verify_equivalence
 from nepenthe_compress.workflow.checks import EXACT_TOL, NOISE_FACTOR, tolerance
 from nepenthe_compress.workflow.fold import same_model
+from nepenthe_compress.workflow.variants import timings
 
 VARIANTS: dict[str, FoldOptions] = {
     "none": FoldOptions(merge="none"),
@@ -196,11 +197,6 @@ def engineering_summary(e: Engineered, report: EntropyReport) -> str:
 
 # ---- run ----------------------------------------------------------------------------------------
 
-def timings(table: LatencyTable, model: str) -> dict[int, Timing]:
-    """Batch size -> median and IQR of ``model`` in ``table``."""
-    return {r.batch: Timing(r.median_s, r.iqr_s) for r in table.rows if r.model == model}
-
-
 def guard(times: dict[str, dict[int, Timing]]) -> GuardDecision:
     """The guard's choice on measured timings: ``PLANNED`` unless slower, else a fallback."""
     return choose_variant(times[ORIGINAL], {v: times[v] for v in (PLANNED, *FALLBACKS)}, PLANNED)
@@ -265,6 +261,7 @@ def run_model(name: str, tmp: Path, batches: tuple[int, ...], threads: int, repe
     notes += [f"  {v:13} sites linearised {len(f.linearised)}/{f.sites_total}, merges {f.count('merge')}, "
               f"channels dropped {f.channels_dropped} (+{f.channels_kept_for_alignment} kept for alignment)"
               + (f"; the same model as {twins[v]}" if v in twins else "") for v, f in folds.items()]
+
     def time_all(files: dict[str, Path], repeats: int) -> LatencyTable:
         return compare_latency(files, tuple(e.x.shape[1:]), batches=batches, threads=threads, repeats=repeats)
 

@@ -86,7 +86,6 @@ class _Content:
     stored_hash: Any = ""       # this tool's format: the sha256 it was written with ("": none)
 
 
-
 def _few(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 

@@ -653,8 +653,7 @@ def untrained_part(ds: Dataset, meta: Mapping, limit: int | None = None) -> Data
     recorded = training_split(meta)
     subset = ""
     if recorded is not None and recorded[0] + recorded[1] < len(ds):   # prune ran with --limit: its subset
-        keep = torch.from_numpy(_pick(len(ds), recorded[0] + recorded[1]))
-        ds = Dataset(ds.x[keep], None if ds.y is None else ds.y[keep], ds.spec, ds.part)
+        ds = _subset(ds, recorded[0] + recorded[1], ds.part)
         subset = f" of its {len(ds)}-sample subset"
     if recorded is not None and recorded[0] + recorded[1] == len(ds):
         train, hold, seed = recorded
@@ -668,8 +667,13 @@ def untrained_part(ds: Dataset, meta: Mapping, limit: int | None = None) -> Data
         raise DataError(f"limit must be >= 1, got {limit}")
     if limit is None or limit >= len(part):
         return part
-    keep = torch.from_numpy(_pick(len(part), limit))
-    return Dataset(part.x[keep], None if part.y is None else part.y[keep], part.spec, f"{limit} of {part.part}")
+    return _subset(part, limit, f"{limit} of {part.part}")
+
+
+def _subset(ds: Dataset, count: int, part: str) -> Dataset:
+    """The fixed ``count``-sample subset of ``ds`` that ``limit=`` picks (``_pick``), described as ``part``."""
+    keep = torch.from_numpy(_pick(len(ds), count))
+    return Dataset(ds.x[keep], None if ds.y is None else ds.y[keep], ds.spec, part)
 
 
 RANDOM_INPUTS = "random N(0,1)"   # the spec of seeded random inputs

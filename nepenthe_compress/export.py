@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -112,8 +113,6 @@ def _quiet() -> Iterator[None]:
 def _native_quiet() -> Iterator[None]:
     """Also silence output written by native code straight to file descriptors 1 and 2 (the
     TorchScript exporter dumps its IR graph there when it fails); restored afterwards."""
-    import sys
-
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     saved = [os.dup(1), os.dup(2)]

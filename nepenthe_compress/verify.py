@@ -238,7 +238,6 @@ def float32_noise(model: nn.Module, batches: Iterable[Tensor]) -> float:
         return compare_runners(lambda x: run64(x.double()), torch_runner(model), batches).max_rel
 
 
-
 def verify_sites(model: nn.Module, batches: Iterable[Tensor], relied: Mapping[str, Sequence[int]],
                  leaf_modules: Iterable[type | str] = ()) -> list[SiteCheck]:
     """The states a fold relied on (site name -> per-neuron state, -1 for none; see

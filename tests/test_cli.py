@@ -48,8 +48,6 @@ def test_the_light_prune_catalog_names_what_prune_implements() -> None:
     assert all(METHODS[n].summary == s for n, s in METHOD_SUMMARIES.items())
 
 
-
-
 # ---- conventions: one-line errors, missing inputs at once, -o/--output, --quiet/--verbose, colour -------
 
 PROG = "nepenthe-compress"

@@ -409,7 +409,6 @@ def test_no_batches_is_a_data_error() -> None:
         measure_entropy(Shared(), [])
 
 
-
 def test_moments_per_neuron_streamed_over_batches() -> None:
     """min / max (exact) and mean / std of every neuron's pre-activation, from three batches, against
     numpy over the float32 pre-activations captured by hooks (axis 1 for a conv, last for a Linear)."""

@@ -500,6 +500,7 @@ def test_torchscript_is_safe_only_for_traced_graphs_of_known_modules():
     assert export_mod.torchscript_safe(traced)
     assert not export_mod.torchscript_safe(torchvision.models.resnet18(weights=None))   # not traced
     assert not export_mod.torchscript_safe(folded_graph_module())    # user leaf modules (Affine) stay opaque
+
     class FoldTracer(fx.Tracer):   # the fold inserts its modules as call_module nodes
         def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
             return isinstance(m, ChannelAffine) or super().is_leaf_module(m, qualname)

@@ -284,7 +284,6 @@ def test_wrong_arch(saved: Saved, tmp_path: Path, arch: str) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["plain.pt"]
 
 
-
 def test_checkpoint_with_sites_already_linearised(saved: Saved, tmp_path: Path) -> None:
     """An EASIER checkpoint names a (mixed!) site it replaced by identity: the fold must count it as
     linear, and the written model must compute the network with that first layer2.1 ReLU call

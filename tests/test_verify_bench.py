@@ -525,7 +525,6 @@ def test_pt2_needs_trust_and_then_verifies_with_its_declared_input(tmp_path, pro
 
 
 def test_pt2_payload_is_not_run_without_trust(tmp_path, program):
-    import io
     import os
     import pickle
     import zipfile

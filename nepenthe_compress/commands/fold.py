@@ -95,13 +95,14 @@ def calib_need(argument: str) -> Need:
 @user_errors
 def fold(checkpoint: str, load, calib: str | None, input_shape, normalize, channels, output: str | None, merge: str,
          cost: str, allow_inexact: bool, approximate: bool, keep_channels: bool, channel_align: int, holdout: float,
-         margin: float | None, max_flip_rate: float, holdout_tolerance: float | None, limit: int | None, batch_size: int, bench: bool, batches: tuple[int, ...], threads: int, provider: str,
+         margin: float | None, max_flip_rate: float, holdout_tolerance: float | None, limit: int | None,
+         batch_size: int, bench: bool, batches: tuple[int, ...], threads: int, provider: str,
          require_speedup: float | None, repeats: int, pt2: bool, leaf: tuple[str, ...], json_path: str | None,
          force: bool, ui: Ui) -> None:
     """Fold a pruned CHECKPOINT into a shallower ONNX model and prove it equivalent.
 
-    Writes DIR/<stem>.folded.onnx, <stem>.onnx, <stem>.report.json and <stem>.folded.pt2 (DIR: -o,
-    default the checkpoint's folder), all or nothing; refuses up front when one of them (or --json's
+    Writes DIR/<stem>.folded.onnx, <stem>.onnx, <stem>.report.json (and <stem>.folded.pt2 with --pt2;
+    DIR: -o, default the checkpoint's folder), all or nothing; refuses up front when one of them (or --json's
     file) exists, unless --force.
     """
     from nepenthe_compress.workflow.outputs import output_paths, stem_of

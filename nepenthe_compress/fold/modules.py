@@ -5,7 +5,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 
-import torch
 from torch import Tensor, nn
 
 from nepenthe_compress.fold.border import PieceGroup, correct, piece_out

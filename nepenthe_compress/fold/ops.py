@@ -51,6 +51,8 @@ class LayerKind:
     then_affine: Callable[[Spec, Tensor, Tensor], Spec] | None = None   # affine(layer(x))
     affine_then: Callable[[Tensor, Tensor, Spec, Shape], Spec] | None = None  # layer(a*x + c)
     compose: Callable[[Spec, Spec, Shape, bool], Spec] | None = None    # b(a(x)); allow_inexact
+    structure: Callable[[Spec, Spec, Shape, bool], Spec] | None = None  # compose without the weights
+    # (same type, shapes, groups and refusals: what a cost model reads); None: price the composition
     add: Callable[[Spec, Spec, Shape], Spec] | None = None              # a(x) + b(x)
     identity: Callable[[int, torch.dtype], Spec] | None = None          # channels -> identity
     drop_out: Callable[[Spec, Tensor], Spec] | None = None              # keep output channels
@@ -165,6 +167,7 @@ CONV2D = LayerKind(
     affine_then=lambda a, c, spec, shape: A.affine_then_conv(a, c, spec, _hw(shape)),
     compose=lambda a, b, shape, inexact: BD.compose(a, b, _hw(shape), inexact),   # border-corrected
     add=lambda a, b, shape: BD.add(a, b, _hw(shape)),                              # if needed
+    structure=lambda a, b, shape, inexact: BD.structure(a, b, _hw(shape), inexact),
     identity=A.identity_conv,
     drop_out=A.drop_conv_outputs,
     drop_in=lambda spec, keep, values, shape: A.drop_conv_inputs(spec, keep, values, _hw(shape)),
@@ -179,6 +182,7 @@ BORDER_CONV2D = LayerKind(
     affine_then=lambda a, c, spec, shape: BD.affine_then(a, c, spec, _hw(shape)),
     compose=lambda a, b, shape, inexact: BD.compose(a, b, _hw(shape), inexact),   # refuses: merged once
     add=lambda a, b, shape: BD.add(a, b, _hw(shape)),
+    structure=lambda a, b, shape, inexact: BD.structure(a, b, _hw(shape), inexact),
     identity=BD.identity,
     drop_out=BD.drop_out,
     drop_in=lambda spec, keep, values, shape: BD.drop_in(spec, keep, values, _hw(shape)),
@@ -192,6 +196,8 @@ LINEAR = LayerKind(
     then_affine=A.linear_then_affine,
     affine_then=lambda a, c, spec, shape: A.affine_then_linear(a, c, spec),
     compose=lambda a, b, shape, inexact: A.compose_linears(a, b),
+    structure=lambda a, b, shape, inexact: A.LinearSpec(BD.stand_in((b.weight.shape[0], a.weight.shape[1]),
+                                                                    a.weight.dtype), b.bias),
     add=lambda a, b, shape: A.add_linears(a, b),
     identity=A.identity_linear,
     drop_out=A.drop_linear_outputs,

@@ -65,11 +65,14 @@ class CheckContext:
             return self.tolerance if self.exact else None
         return self.heldout_tolerance
 
+    def held_states(self) -> EntropyReport:
+        """Neuron states on the held-out split (measured here when not given)."""
+        return self.heldout_states or measure_entropy(self.original, self.batches(self.heldout),
+                                                      leaf_modules=self.leaf_modules)
+
     def flipped_sites(self) -> dict[str, int]:
         """Site label -> neurons the plan relies on whose state differs on the held-out split."""
-        held = self.heldout_states or measure_entropy(self.original, self.batches(self.heldout),
-                                                      leaf_modules=self.leaf_modules)
-        held_by = held.by_name()
+        held_by = self.held_states().by_name()
         counts = {s.target: int(flipped(s, held_by[s.name]).sum()) for s in self.states.sites if s.name in held_by}
         return {k: v for k, v in counts.items() if v}
 
@@ -154,9 +157,7 @@ class HeldoutStateFlips:
     fatal: bool = False
 
     def run(self, ctx: CheckContext) -> CheckOutcome:
-        held = ctx.heldout_states or measure_entropy(ctx.original, ctx.batches(ctx.heldout),
-                                                     leaf_modules=ctx.leaf_modules)
-        return CheckOutcome(self.name, Verdict.MEASURED, state_flips(ctx.states, held))
+        return CheckOutcome(self.name, Verdict.MEASURED, state_flips(ctx.states, ctx.held_states()))
 
     def failure(self, outcome: CheckOutcome, ctx: CheckContext) -> str:
         raise AssertionError("a measurement never fails")

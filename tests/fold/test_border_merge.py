@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from kit import D, assert_exact, events, fold, measure, set_states, weighted
+from kit import D, assert_exact, events, fold, set_states, weighted
 import nepenthe_compress as nc
 from nepenthe_compress.archs import build_model
 from nepenthe_compress.checkpoint import load_checkpoint, save_checkpoint

@@ -5,13 +5,13 @@ dynamic programme picks the partition into merged segments with the lowest total
 (``GraphRewriter.price``, the driver's cost model under the ``--merge`` mode); segments whose merge
 is not exact are infeasible unless the user opted in to border-inexact merges (a padded conv into a
 zero-padded conv is exact with a border correction, ``fold.border``; a segment of three or more
-such convs is not). Candidates are priced from their structure (``STRUCTURES``: shapes, groups and
-pieces, no weights, which is all a cost model reads); only the chosen segments are composed. Conv-like
+such convs is not). Candidates are priced from their structure (``LayerKind.structure``: shapes,
+groups and pieces, no weights, which is all a cost model reads); only the chosen segments are composed. Conv-like
 layers that cannot merge at all (ConvTranspose, non-zero padding modes) next to a layer are reported.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -34,21 +34,6 @@ class Segment:
     nodes: list[fx.Node]
     spec: ops.Spec      # the merged layer (a structure-only stand-in while it is being priced)
     inexact: bool
-
-
-def _conv_structure(a: border.Conv, b: border.Conv, shape: ops.Shape, inexact: bool) -> border.Conv:
-    return border.structure(a, b, (int(shape[-2]), int(shape[-1])), inexact)
-
-
-def _linear_structure(a: A.LinearSpec, b: A.LinearSpec, shape: ops.Shape, inexact: bool) -> A.LinearSpec:
-    return A.LinearSpec(border.stand_in((b.weight.shape[0], a.weight.shape[1]), a.weight.dtype), b.bias)
-
-
-# Per layer kind: its ``compose`` without the weights (same type, shapes, groups, refusals), for
-# pricing; kinds not listed are priced on their real composition.
-STRUCTURES: dict[str, Callable[[ops.Spec, ops.Spec, ops.Shape, bool], ops.Spec]] = {
-    ops.CONV2D.name: _conv_structure, ops.BORDER_CONV2D.name: _conv_structure, ops.LINEAR.name: _linear_structure,
-}
 
 
 def find_chains(rw: GraphRewriter) -> list[list[fx.Node]]:
@@ -90,7 +75,7 @@ def _composed(rw: GraphRewriter, nodes: list[fx.Node], allow_inexact: bool, weig
     """The layers of ``nodes`` composed in order (``weights=False``: the structure only);
     ``NotExact`` names the pair that refused."""
     kind = ops.layer_kind(rw.gm, nodes[0])
-    merge = kind.compose if weights else STRUCTURES.get(kind.name, kind.compose)
+    merge = kind.compose if weights or kind.structure is None else kind.structure
     spec = ops.spec_of(rw.gm, nodes[0])
     shape = rw.shape(ops.only_input(nodes[0]))
     for prev, node in zip(nodes, nodes[1:]):
@@ -105,7 +90,7 @@ def compose(rw: GraphRewriter, nodes: list[fx.Node], weights: bool = True) -> Se
     """The merged segment (exact: border-corrected where a padded conv feeds a padded conv), or
     why it cannot be merged; with ``--allow-inexact`` a segment refused as border-inexact (three or
     more padded convs) is composed without correction instead. ``weights=False``: its structure
-    only (``STRUCTURES``), enough to price it."""
+    only (``LayerKind.structure``), enough to price it."""
     try:
         return Segment(nodes, _composed(rw, nodes, False, weights), False)
     except A.BorderInexact as e:
